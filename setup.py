@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="largewave",
+    version="0.1.0",
+    description="Train stacked autoregressive discrete autoencoders on raw audio at cluster scale",
+    packages=find_packages(include=["largewave", "largewave.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # A range that the CPU wheel 2.13.0 satisfies; install torch==2.13.0 first (see README).
+        "torch>=2.4,<2.15",
+        "deepspeed>=0.16",
+        "webdataset>=0.2.100",
+        "wandb>=0.17",
+        "submitit>=1.5",
+        "soundfile>=0.12",
+        "soxr>=0.3",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-timeout>=2.1"],
+    },
+)
