@@ -1,0 +1,23 @@
+# Two commands do all the set-up (see README.md):
+#   make demo    install everything, then run the demo stack on the built-in piano corpus
+#   make test    install everything, then run the test suite
+PYTHON ?= python3
+ARGS ?=
+
+.PHONY: install demo test smoke bench
+install:
+	@PYTHON=$(PYTHON) bash scripts/install.sh
+
+demo: install
+	$(PYTHON) launch/demo.py $(ARGS)
+
+# The demo in miniature (a minute of piano, a few steps): what CI runs.
+smoke: install
+	$(PYTHON) launch/demo.py --smoke $(ARGS)
+
+test: install
+	$(PYTHON) -m pytest tests $(ARGS)
+
+bench: install
+	$(PYTHON) bench/loader.py
+	$(PYTHON) bench/sampling.py
