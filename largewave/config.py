@@ -227,6 +227,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
     seed: int = 0
+    sample_clips: int = 2  # valid clips reconstructed (level 1) / sequences generated per sample event
+    sample_seconds: float = 1.0  # length of each logged audio item (generation is sample by sample)
 
     def __post_init__(self):
         for name in ("steps", "crop", "crops_per_segment", "micro_batch", "grad_accum", "log_every",
@@ -234,6 +236,8 @@ class TrainConfig:
                      "max_nonfinite"):
             _require(getattr(self, name) >= 1, name, f"{getattr(self, name)} must be >= 1")
         _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"{self.zero_stage} must be 0, 1, 2 or 3")
+        _require(self.sample_clips >= 0, "sample_clips", f"{self.sample_clips} must be >= 0")
+        _require(self.sample_seconds > 0, "sample_seconds", f"{self.sample_seconds} must be > 0")
 
 
 @dataclass
@@ -273,6 +277,12 @@ class RunConfig:
     root: str = "runs"  # run folders: {root}/{stack}/{level}/...
     wandb_project: str = "largewave"
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online if logged in
+    wandb_entity: Optional[str] = None  # W&B team or user (None: the logged-in default)
+    collective_timeout_s: float = 1800.0  # a collective waiting longer than this raises (hung peer)
+
+    def __post_init__(self):
+        _require(self.collective_timeout_s > 0, "collective_timeout_s",
+                 f"{self.collective_timeout_s} must be > 0")
 
 
 @dataclass

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
 
     timings = []
     for name, cmd in stages(stack_args, cfg):
-        print(f"\n=== {name}: {shlex.join(os.path.relpath(c, ROOT) if c == sys.executable else c for c in cmd)}", flush=True)
+        print(f"\n=== {name}: {shlex.join('python' if c == sys.executable else c for c in cmd)}", flush=True)
         t0 = time.time()
         rc = subprocess.call(cmd, cwd=ROOT)
         timings.append((name, time.time() - t0, rc))
