@@ -93,9 +93,9 @@ def _executor(step: Step, cfg: StackConfig, res: cl.Resources, cluster: str, dep
                             single_task=step.kind != "train")
 
 
-def sbatch_for(step: Step, cfg: StackConfig, config: str, overrides: list[str], res: cl.Resources,
-               cluster: str, dependency: Optional[str] = "afterok:<previous job>") -> str:
-    ex = _executor(step, cfg, res, "slurm", dependency=dependency if step is not None else None)
+def sbatch_for(step: Step, cfg: StackConfig, res: cl.Resources, dependency: Optional[str] = None) -> str:
+    """The sbatch script of one step, as it would be submitted to Slurm."""
+    ex = _executor(step, cfg, res, "slurm", dependency=dependency)
     if step.kind == "codes":
         ex.parameters["map_count"] = step.tasks
     return cl.sbatch_script(ex)

@@ -97,9 +97,9 @@ def main(argv=None) -> int:
         if args.dry_run:
             print(f"# resolved config ({cfg.stack})\n{dump_yaml(cfg)}")
             launcher.print_derived(cfg, res.world_size)
-            for step in plan:
+            for i, step in enumerate(plan):
                 print(f"\n# ---- {step.describe()} ----")
-                print(launcher.sbatch_for(step, cfg, args.stack, args.overrides, res, cluster))
+                print(launcher.sbatch_for(step, cfg, res, dependency="afterok:<job of the step above>" if i else None))
             return 0
         wait = args.wait if args.wait is not None else cluster != "slurm"
         return launcher.submit(plan, cfg, args.stack, args.overrides, res, cluster, wait=wait,
