@@ -110,8 +110,22 @@ def print_derived(cfg: StackConfig, world_size: int) -> None:
               f"({d['audio_seconds_per_step']:.1f} s of audio per step on {world_size} ranks)")
 
 
+def preflight(plan_steps: list[Step], cfg: StackConfig) -> None:
+    """Refuse, before anything is submitted, a first step whose input data cannot work."""
+    from largewave.config import ConfigError
+    from largewave.engine.trainer import preflight as train_preflight
+
+    first = plan_steps[0]
+    if first.kind == "train":
+        try:
+            train_preflight(cfg, first.level)
+        except ConfigError as e:
+            raise LaunchError(str(e)) from None
+
+
 def submit(plan_steps: list[Step], cfg: StackConfig, config: str, overrides: list[str], res: cl.Resources,
            cluster: str, wait: bool, command: str) -> int:
+    preflight(plan_steps, cfg)
     print_derived(cfg, res.world_size)
     previous: Optional[str] = None
     jobs = []
