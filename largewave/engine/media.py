@@ -1,0 +1,128 @@
+"""Audio items and spectrogram images logged during training.
+
+* ADA levels: reconstructions of validation clips (encode → decode, sampled sample by sample with
+  the decoder's incremental state) next to the originals. Above level 1 the level's tokens are
+  codes of the level below; they become audio through the exports of the levels below
+  (``runs/<stack>/<level>/<signature>/export.pt``) when those exist, otherwise no audio is made.
+* Priors (and the plain WaveNet): short unconditional generations, decoded the same way.
+
+Spectrograms are rendered with numpy and written as PNG with zlib (no plotting dependency);
+wandb shows them when Pillow is installed (it needs Pillow to read images).
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from largewave.config import StackConfig
+
+
+def _to_audio(cfg: StackConfig, level: str, tokens: torch.Tensor, generator: torch.Generator,
+              device: torch.device) -> Optional[np.ndarray]:
+    """Tokens of ``level``'s input stream → waveform float32[B x N], cascading through exports."""
+    from largewave.audio import mulaw_decode
+    from largewave.engine.export import load_export
+    from largewave.engine.run_folder import run_dir
+
+    names = cfg.level_names()
+    for name in reversed(names[: names.index(level)]):
+        path = run_dir(cfg, name) / "export.pt"
+        if not path.exists():
+            return None
+        lower, _ = load_export(path, device=device)
+        tokens = lower.decode(tokens.to(device), generator=generator)
+    return np.asarray(mulaw_decode(tokens.cpu().numpy(), cfg.audio.mu), dtype=np.float32)
+
+
+def make_samples(cfg: StackConfig, level: str, model: torch.nn.Module, valid_root: Optional[str], *,
+                 clips: int, seconds: float, seed: int, device: torch.device) -> list[dict[str, Any]]:
+    """A list of ``{"name", "wave": float32[N], "caption"}`` items (possibly empty)."""
+    lv = cfg.level(level)
+    rate = cfg.input_rate(level)
+    n_tokens = max(lv.hop, int(round(seconds * rate)) // lv.hop * lv.hop)
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    items: list[dict[str, Any]] = []
+    if lv.kind in ("ada", "nsynth"):
+        if valid_root is None:
+            return items
+        from largewave.data.loader import EvalLoader
+
+        try:
+            loader = EvalLoader(valid_root, "valid", crop=n_tokens, hop=lv.hop, batch_size=clips, max_batches=1,
+                                mu=cfg.audio.mu)
+        except ValueError:
+            return items  # no valid segment is that long
+        batch = next(iter(loader))
+        keep = batch.mask.nonzero().flatten() if batch.mask is not None else torch.arange(len(batch))
+        tokens = batch.tokens[keep].to(device)
+        recon = model.decode(model.encode(tokens), generator=g)
+        orig_wave = _to_audio(cfg, level, tokens, g, device)
+        recon_wave = _to_audio(cfg, level, recon, g, device)
+        if orig_wave is None or recon_wave is None:
+            return items
+        for i in range(len(keep)):
+            key = batch.keys[int(keep[i])]
+            off = int(batch.offsets[int(keep[i])])
+            items.append({"name": f"recon_{i}", "wave": recon_wave[i], "caption": f"reconstruction of {key} @ {off}"})
+            items.append({"name": f"orig_{i}", "wave": orig_wave[i], "caption": f"original {key} @ {off}"})
+    else:
+        gen = model.generate(n_tokens, batch=clips, generator=g)
+        wave = _to_audio(cfg, level, gen, g, device)
+        if wave is None:
+            return items
+        for i in range(clips):
+            items.append({"name": f"gen_{i}", "wave": wave[i], "caption": f"generation {i}"})
+    return items
+
+
+def write_and_wrap(items: list[dict[str, Any]], out_dir: Path, sample_rate: int, wandb_logger) -> dict[str, Any]:
+    """Write ``.wav`` + spectrogram ``.png`` per item; return the W&B media dict."""
+    import soundfile as sf
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {}
+    for it in items:
+        wav = out_dir / f"{it['name']}.wav"
+        sf.write(wav, np.clip(it["wave"], -1, 1), sample_rate, subtype="PCM_16")
+        png = out_dir / f"{it['name']}.png"
+        write_png(png, spectrogram_image(it["wave"], sample_rate))
+        if wandb_logger is not None and wandb_logger.enabled:
+            data[f"samples/{it['name']}"] = wandb_logger.audio(it["wave"], sample_rate, it["caption"])
+            img = wandb_logger.image(png, it["caption"])
+            if img is not None:
+                data[f"spectrograms/{it['name']}"] = img
+    return data
+
+
+def spectrogram_image(wave: np.ndarray, sample_rate: int, n_fft: int = 512, hop: int = 128,
+                      top_db: float = 80.0) -> np.ndarray:
+    """Log-magnitude STFT as uint8[freq x time] (low frequencies at the bottom)."""
+    x = np.asarray(wave, dtype=np.float32)
+    if len(x) < n_fft:
+        x = np.pad(x, (0, n_fft - len(x)))
+    frames = 1 + (len(x) - n_fft) // hop
+    idx = np.arange(n_fft)[None, :] + hop * np.arange(frames)[:, None]
+    spec = np.abs(np.fft.rfft(x[idx] * np.hanning(n_fft)[None, :], axis=1)).T  # [F x frames]
+    db = 20 * np.log10(np.maximum(spec, 1e-5))
+    db = np.clip(db - db.max(), -top_db, 0)
+    img = ((db + top_db) / top_db * 255).astype(np.uint8)
+    return img[::-1]
+
+
+def write_png(path: Path, gray: np.ndarray) -> None:
+    """Minimal 8-bit grayscale PNG writer (IHDR, one IDAT, IEND)."""
+    h, w = gray.shape
+    raw = b"".join(b"\x00" + gray[r].tobytes() for r in range(h))
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) \
+        + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+    Path(path).write_bytes(png)

@@ -1,0 +1,109 @@
+"""Run folders named from the config, so that rerunning the same command resumes the same run.
+
+``runs/<stack>/<level>/<signature>/`` where ``signature`` is the first 12 hex digits of a SHA-256
+over the JSON of everything that changes what training computes:
+
+* ``stack``, ``level`` and the ``audio`` section;
+* the data the level reads: the shard folder (audio shards for level 1, ``{data.codes}/level{k-1}``
+  above) and ``data.seed`` (the crop order);
+* this level's whole config — kind, hop, encoder, quantiser, decoder, optim, and train —
+  **except** fields that only change bookkeeping: ``log_every``, ``eval_every``, ``eval_batches``,
+  ``sample_every``, ``sample_clips``, ``sample_seconds``, ``save_every``, ``keep_checkpoints``,
+  ``max_nonfinite``, and ``activation_checkpointing`` (same math, less memory); and except how
+  the batch is split over resources, ``micro_batch`` and ``grad_accum``, so that a run moved to
+  fewer or more ranks can keep its effective batch and still resume;
+* the model sections (kind, hop, encoder, quantiser, decoder) of the levels below, whose codes
+  this level reads.
+
+Not included: ``run.*`` (where and how to log), ``data.workers`` (the loader's order does not
+depend on it) and the world size (a run may resume on a different number of ranks). ``train.steps``
+*is* included: it shapes the learning-rate decay, so a longer schedule is a different run.
+``signature.json`` in the run folder holds exactly what was hashed.
+
+``snapshot/segment-NNN/`` records what produced each segment of a run (a requeued job starts later,
+on whatever code is checked out then): ``command.txt``, ``git.txt`` (commit and status),
+``git.diff`` (uncommitted changes), ``pip-freeze.txt``, ``environment.txt`` (launcher variables).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from largewave.config import REPO_ROOT, StackConfig
+
+BOOKKEEPING = ("log_every", "eval_every", "eval_batches", "sample_every", "sample_clips", "sample_seconds",
+               "save_every", "keep_checkpoints", "max_nonfinite", "activation_checkpointing",
+               "micro_batch", "grad_accum")
+
+
+def data_root(cfg: StackConfig, level: str) -> str:
+    """The shard set a level trains on: audio for the first level, codes of the level below above."""
+    below = cfg.below(level)
+    if below is None:
+        return cfg.path(cfg.data.shards)
+    return f"{cfg.path(cfg.data.codes).rstrip('/')}/{below}"
+
+
+def signature_payload(cfg: StackConfig, level: str) -> dict[str, Any]:
+    lv = dataclasses.asdict(cfg.level(level))
+    for key in BOOKKEEPING:
+        lv["train"].pop(key, None)
+    names = cfg.level_names()
+    below = {}
+    for name in names[: names.index(level)]:
+        b = dataclasses.asdict(cfg.levels[name])
+        below[name] = {k: b[k] for k in ("kind", "hop", "encoder", "quantiser", "decoder")}
+    return {"stack": cfg.stack, "level": level, "audio": dataclasses.asdict(cfg.audio),
+            "data": {"root": data_root(cfg, level), "seed": cfg.data.seed}, "config": lv, "below": below}
+
+
+def signature(cfg: StackConfig, level: str) -> str:
+    text = json.dumps(signature_payload(cfg, level), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_dir(cfg: StackConfig, level: str) -> Path:
+    return Path(cfg.run.root) / cfg.stack / level / signature(cfg, level)
+
+
+def _run(cmd: list[str], cwd: Optional[Path] = None, timeout: float = 120) -> str:
+    try:
+        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        return r.stdout if r.returncode == 0 else f"# {' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}\n"
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"# {' '.join(cmd)} failed: {e}\n"
+
+
+def write_snapshot(run: Path, argv: Optional[list[str]] = None) -> Path:
+    """Record command line, code version and environment of this segment (rank 0 only)."""
+    root = run / "snapshot"
+    root.mkdir(parents=True, exist_ok=True)
+    n = len([p for p in root.iterdir() if p.name.startswith("segment-")])
+    seg = root / f"segment-{n:03d}"
+    seg.mkdir()
+    argv = list(sys.argv if argv is None else argv)
+    (seg / "command.txt").write_text(
+        f"# {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  cwd: {os.getcwd()}\n"
+        f"{shlex.join([sys.executable] + argv)}\n")
+    (seg / "git.txt").write_text(_run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
+                                 + _run(["git", "status", "--short"], cwd=REPO_ROOT))
+    (seg / "git.diff").write_text(_run(["git", "diff", "HEAD"], cwd=REPO_ROOT))
+    # pip freeze takes seconds; it writes its file in the background while training starts.
+    try:
+        with open(seg / "pip-freeze.txt", "w") as out:
+            subprocess.Popen([sys.executable, "-m", "pip", "freeze", "--disable-pip-version-check"],
+                             stdout=out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    except OSError as e:
+        (seg / "pip-freeze.txt").write_text(f"# pip freeze failed: {e}\n")
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_NTASKS",
+            "SLURM_JOB_NODELIST", "SLURM_PROCID", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "HOSTNAME")
+    (seg / "environment.txt").write_text("".join(f"{k}={os.environ[k]}\n" for k in keys if k in os.environ))
+    return seg
