@@ -227,6 +227,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
     seed: int = 0
+    pause_at: int = 0  # > 0: save, evaluate and return at this step (population rounds); rerun continues
+    init_from: Optional[str] = None  # warm start (weights, buffers, optimizer) from this checkpoint folder
     sample_clips: int = 2  # valid clips reconstructed (level 1) / sequences generated per sample event
     sample_seconds: float = 1.0  # length of each logged audio item (generation is sample by sample)
 
@@ -237,6 +239,7 @@ class TrainConfig:
             _require(getattr(self, name) >= 1, name, f"{getattr(self, name)} must be >= 1")
         _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"{self.zero_stage} must be 0, 1, 2 or 3")
         _require(self.sample_clips >= 0, "sample_clips", f"{self.sample_clips} must be >= 0")
+        _require(self.pause_at >= 0, "pause_at", f"{self.pause_at} must be >= 0 (0: never)")
         _require(self.sample_seconds > 0, "sample_seconds", f"{self.sample_seconds} must be > 0")
 
 

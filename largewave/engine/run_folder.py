@@ -13,7 +13,9 @@ over the JSON of everything that changes what training computes:
   the batch is split over resources, ``micro_batch`` and ``grad_accum``, so that a run moved to
   fewer or more ranks can keep its effective batch and still resume;
 * the model sections (kind, hop, encoder, quantiser, decoder) of the levels below, whose codes
-  this level reads.
+  this level reads;
+* above level 1, the fingerprint of the codes it trains on (from the level below's export, or the
+  code set's manifest): retraining the level below gives the level above a new run folder.
 
 Not included: ``run.*`` (where and how to log), ``data.workers`` (the loader's order does not
 depend on it) and the world size (a run may resume on a different number of ranks). ``train.steps``
@@ -41,7 +43,7 @@ from largewave.config import REPO_ROOT, StackConfig
 
 BOOKKEEPING = ("log_every", "eval_every", "eval_batches", "sample_every", "sample_clips", "sample_seconds",
                "save_every", "keep_checkpoints", "max_nonfinite", "activation_checkpointing",
-               "micro_batch", "grad_accum")
+               "micro_batch", "grad_accum", "pause_at")
 
 
 def data_root(cfg: StackConfig, level: str) -> str:
@@ -61,8 +63,15 @@ def signature_payload(cfg: StackConfig, level: str) -> dict[str, Any]:
     for name in names[: names.index(level)]:
         b = dataclasses.asdict(cfg.levels[name])
         below[name] = {k: b[k] for k in ("kind", "hop", "encoder", "quantiser", "decoder")}
+    data = {"root": data_root(cfg, level), "seed": cfg.data.seed}
+    if names.index(level) > 0:
+        # Keyed by the codes it trains on: retraining the level below never resumes an old run above.
+        from largewave import stack
+
+        prev = names[names.index(level) - 1]
+        data["codes"] = stack.expected_fingerprint(cfg, prev) or stack.code_set_fingerprint(cfg, prev)
     return {"stack": cfg.stack, "level": level, "audio": dataclasses.asdict(cfg.audio),
-            "data": {"root": data_root(cfg, level), "seed": cfg.data.seed}, "config": lv, "below": below}
+            "data": data, "config": lv, "below": below}
 
 
 def signature(cfg: StackConfig, level: str) -> str:

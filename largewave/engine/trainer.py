@@ -32,7 +32,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,6 +70,8 @@ class TrainResult:
     export: Optional[Path] = None
     checkpoint: Optional[Path] = None
     wandb: Optional[str] = None
+    paused: bool = False  # stopped at ``train.pause_at`` (checkpoint saved, no export yet)
+    eval: dict[str, float] = field(default_factory=dict)  # the last validation: bits_per_token, codes_used, …
 
     @property
     def exit_code(self) -> int:
@@ -78,7 +80,8 @@ class TrainResult:
     def summary(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "step": self.step, "steps": self.steps, "stopped": self.stopped,
                 "stop_signal": self.stop_signal, "export": str(self.export) if self.export else None,
-                "checkpoint": str(self.checkpoint) if self.checkpoint else None, "wandb": self.wandb}
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None, "wandb": self.wandb,
+                "paused": self.paused, "eval": dict(self.eval)}
 
 
 def train(cfg: StackConfig, level: str | int, *, argv: Optional[list[str]] = None) -> TrainResult:
@@ -117,12 +120,11 @@ def preflight(cfg: StackConfig, level: str) -> dict[str, Any]:
         if m.codes is not None and m.codes != cfg.vocab(level):
             raise ConfigError(f"{cfg.stack}: levels.{below}.quantiser.codes: the codes at {root} have K={m.codes}, "
                               f"the config says {cfg.vocab(level)}; recompute the codes")
-        from largewave.stack import expected_fingerprint
+        from largewave.stack import check_codes
 
-        fingerprint = expected_fingerprint(cfg, below)  # None when the level below has no export here
-        if fingerprint is not None and m.fingerprint != fingerprint:
-            raise ConfigError(f"{cfg.stack}: {what}: the codes at {root} were made by encoder {m.fingerprint}, but "
-                              f"{below}'s export is {fingerprint}; recompute the codes of {below}")
+        # every shard agrees with the manifest, and the manifest with the export of the level
+        # below when it is here (codes copied from elsewhere are checked against themselves)
+        check_codes(cfg, level, require_export=False)
     if below is None and m.sample_rate != cfg.audio.sample_rate:
         raise ConfigError(f"{cfg.stack}: audio.sample_rate: {cfg.audio.sample_rate} but the shards at {root} are "
                           f"{m.sample_rate} Hz")
@@ -263,6 +265,8 @@ class Trainer:
         self.last_saved_step = -1
         self._window: dict[str, float] = {}
         self._eval_model: Optional[torch.nn.Module] = None
+        self.last_eval: dict[str, float] = {}
+        self.last_eval_step = -1
         self._batches = None
 
     # -------------------------------------------------------------------------------------------
@@ -271,7 +275,9 @@ class Trainer:
             self.setup()
             self.resume()
             steps = self.lv.train.steps
-            while self.step < steps:
+            pause = self.lv.train.pause_at
+            end = pause if 0 < pause < steps else steps
+            while self.step < end:
                 if self.stop_requested():
                     return self.stop_and_save()
                 stats = self.train_step()
@@ -280,6 +286,8 @@ class Trainer:
                 self.evaluate_if_due()
                 self.sample_if_due()
                 self.save_if_due()
+            if end < steps:
+                return self.pause()
             self.save()
             export = self.export()
             return self.result(export=export)
@@ -328,6 +336,9 @@ class Trainer:
             for p in ckpt.remove_incomplete(self.ckpt_root):
                 print(f"[largewave] removed incomplete checkpoint {p} (interrupted while saving)", flush=True)
         self.resume_from = latest
+        self.warm_from: Optional[Path] = None
+        if latest is None and self.lv.train.init_from:
+            self.warm_from = self._check_warm_start(Path(self.lv.train.init_from))
         self.resume_universal = False
         self.common: dict[str, Any] = {}
         if latest is not None:
@@ -458,9 +469,56 @@ class Trainer:
 
     # ---- resume ---------------------------------------------------------------------------------
 
+    def _check_warm_start(self, path: Path) -> Path:
+        key = f"levels.{self.level}.train.init_from"
+        if not (path / ckpt.COMPLETE).exists():
+            raise ConfigError(f"{self.cfg.stack}: {key}: {path} is not a complete checkpoint folder")
+        common = torch.load(ckpt.common_state_path(path), map_location="cpu", weights_only=False)
+        if int(common["world_size"]) != self.world:
+            raise ConfigError(f"{self.cfg.stack}: {key}: {path} was written by {common['world_size']} ranks; a warm "
+                              f"start needs the same number of ranks (this run has {self.world})")
+        if common.get("level") != self.level:
+            raise ConfigError(f"{self.cfg.stack}: {key}: {path} is a checkpoint of {common.get('level')}, not {self.level}")
+        return path
+
+    def warm_start(self) -> None:
+        """Start from another run's checkpoint (a population member copying a better one): its
+        weights, buffers and optimizer state, but this run's own learning-rate schedule (built from
+        this run's config, at the checkpoint's step), W&B run, data order and random streams."""
+        path = self.warm_from
+        t0 = time.time()
+        loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load {path}")
+        common = torch.load(ckpt.common_state_path(path), map_location="cpu", weights_only=False)
+        self.step = int(common["step"])
+        t = self.lv.train
+        self._step_base, self._samples_base = self.step, self.step * t.micro_batch * t.grad_accum * self.world
+        if self.ema is not None and common.get("ema") is not None:
+            self.ema.load_state_dict(common["ema"])
+        state = torch.load(ckpt.rank_state_path(path, self.rank), map_location="cpu", weights_only=False)
+        self._load_buffers(state["buffers"])
+        position = self.loader.state_dict()
+        position["epoch"], position["index"] = divmod(self.step * t.grad_accum, self.loader.batches_per_epoch)
+        self.loader.load_state_dict(position)
+        self._seed_rank_rngs(t.seed, self.step)
+        sched = self.engine.lr_scheduler
+        if sched is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": on purpose
+                sched.last_epoch = self.step - 1
+                sched.step()
+        if self.main:
+            lr = self.engine.optimizer.param_groups[0]["lr"]
+            print(f"[largewave] warm start at step {self.step} from {path} in {time.time() - t0:.2f} s "
+                  f"(this run's lr schedule: {lr:.3g} now)", flush=True)
+
     def resume(self) -> None:
         c = self.resume_from
         if c is None:
+            if self.warm_from is not None:
+                self.warm_start()
             return
         t0 = time.time()
         if self.resume_universal:
@@ -718,12 +776,15 @@ class Trainer:
             res["valid/bits_per_token_shuffled_codes"] = res.pop("valid/nll_shuffled") / ln2
             res["valid/uses_codes_gap_bits"] = res["valid/bits_per_token_shuffled_codes"] - res["valid/bits_per_token"]
         res["perf/eval_time_s"] = time.perf_counter() - t0
+        if discrete and usage.sum() > 0:
+            res["valid/codes_used"] = float((usage > 0).sum())
+        self.last_eval = {k.removeprefix("valid/"): float(v) for k, v in res.items() if k.startswith("valid/")}
+        self.last_eval_step = self.step
         if self.main:
             data: dict[str, Any] = dict(res)
             if discrete and usage.sum() > 0:
                 data["valid/code_usage"] = self.wandb.histogram(usage.numpy())
                 p = usage / usage.sum()
-                data["valid/codes_used"] = float((usage > 0).sum())
                 data["valid/code_perplexity"] = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
             self.wandb.log(self.step, data)
             gap = res.get("valid/uses_codes_gap_bits")
@@ -814,6 +875,15 @@ class Trainer:
                   f"(exit code {EXIT_STOPPED})", flush=True)
         return self.result(stopped=True, stop_signal=name)
 
+    def pause(self) -> TrainResult:
+        """``train.pause_at`` reached: a validation for whoever schedules rounds, and a checkpoint."""
+        if self.data["has_valid"] and self.last_eval_step != self.step:
+            self.evaluate()
+        path = self.save()
+        if self.main:
+            print(f"[largewave] paused at step {self.step} (train.pause_at); checkpoint {path}", flush=True)
+        return self.result(paused=True)
+
     def export(self) -> Optional[Path]:
         """``export.pt`` from the final checkpoint's fp32 weights (rank 0)."""
         out = self.run_dir / "export.pt"
@@ -835,7 +905,7 @@ class Trainer:
     def result(self, **kw) -> TrainResult:
         return TrainResult(run_dir=self.run_dir, step=self.step, steps=self.lv.train.steps,
                            checkpoint=self.ckpt_root / ckpt.tag_for(self.step) if self.last_saved_step == self.step else None,
-                           wandb=self.wandb.location if self.wandb else None, **kw)
+                           wandb=self.wandb.location if self.wandb else None, eval=dict(self.last_eval), **kw)
 
     def teardown(self) -> None:
         if self.wandb is not None:
