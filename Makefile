@@ -19,5 +19,8 @@ test: install
 	$(PYTHON) -m pytest tests $(ARGS)
 
 bench: install
+	$(PYTHON) -m pip install -q --no-deps wavenet-vocoder==0.1.1
 	$(PYTHON) bench/loader.py
 	$(PYTHON) bench/sampling.py
+	$(PYTHON) bench/codes.py
+	$(PYTHON) bench/train.py

@@ -18,8 +18,11 @@ setup(
         "numpy>=1.24",
         "pyyaml>=6",
         "tqdm>=4.60",
+        "pillow>=9",  # spectrogram images for W&B
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-timeout>=2.1"],
+        # bench/sampling.py's public baseline; install it with --no-deps (it needs only torch + numpy):
+        #   pip install --no-deps wavenet-vocoder==0.1.1
     },
 )

@@ -109,6 +109,23 @@ class CodesJob:
 
 
 @dataclass
+class ShardsJob:
+    """Build the stack's audio shards (rendering the demo piano first when ``data.source`` is demo)."""
+
+    config: str
+    overrides: list[str] = field(default_factory=list)
+
+    def __call__(self):
+        from largewave.config import REPO_ROOT
+
+        cmd = [sys.executable, str(REPO_ROOT / "shards" / "build_audio.py"), "--config", self.config, *self.overrides]
+        r = subprocess.run(cmd, cwd=os.getcwd())
+        if r.returncode != 0:
+            raise RuntimeError(f"building the audio shards failed (exit {r.returncode}): see the output above")
+        return "audio shards ready"
+
+
+@dataclass
 class SampleJob:
     """Sample audio from a trained stack (prior → decoders → waveform)."""
 

@@ -36,6 +36,8 @@ class Step:
             return f"train {self.level}"
         if self.kind == "codes":
             return f"codes of {self.level} ({self.tasks} array tasks)"
+        if self.kind == "shards":
+            return "audio shards"
         return f"sample {self.count} × {self.seconds:g} s"
 
 
@@ -52,6 +54,8 @@ def plan(cfg: StackConfig, level: str, code_tasks: int = 8, samples: int = 2, sa
     names = cfg.level_names()
     if level == "all":
         steps: list[Step] = []
+        if not stack.audio_ready(cfg):
+            steps.append(Step("shards", "audio"))
         for i, name in enumerate(names):
             steps.append(Step("train", name))
             if i < len(names) - 1:
@@ -74,8 +78,10 @@ def plan(cfg: StackConfig, level: str, code_tasks: int = 8, samples: int = 2, sa
 
 
 def _job_for(step: Step, config: str, overrides: list[str]):
-    from largewave.jobs import CodesJob, SampleJob, TrainJob
+    from largewave.jobs import CodesJob, SampleJob, ShardsJob, TrainJob
 
+    if step.kind == "shards":
+        return ShardsJob(config=config, overrides=list(overrides))
     if step.kind == "train":
         return TrainJob(config=config, overrides=list(overrides), level=step.level)
     if step.kind == "codes":
@@ -124,45 +130,46 @@ def preflight(plan_steps: list[Step], cfg: StackConfig) -> None:
 
 
 def submit(plan_steps: list[Step], cfg: StackConfig, config: str, overrides: list[str], res: cl.Resources,
-           cluster: str, wait: bool, command: str) -> int:
+           cluster: str, wait: bool, command: str) -> tuple[int, list[tuple[str, float]]]:
+    """Submit the steps, each after the previous one (``afterok`` on Slurm; in turn on this machine).
+
+    Returns (exit status, [(step, seconds)] for the steps waited for)."""
+    from largewave import stack
+
     preflight(plan_steps, cfg)
     print_derived(cfg, res.world_size)
     previous: Optional[str] = None
-    jobs = []
+    timings: list[tuple[str, float]] = []
     for step in plan_steps:
-        if cluster != "slurm" and step.kind == "codes" and previous is not None:
-            pass  # local: steps already run one after another
         dependency = f"afterok:{previous}" if (cluster == "slurm" and previous) else None
         ex = _executor(step, cfg, res, cluster, dependency=dependency)
         fn = _job_for(step, config, overrides)
+        t0 = time.time()
         if step.kind == "codes":
-            js = ex.map_array(fn, list(range(step.tasks)))
-            job_id = js[0].job_id.split("_")[0] if cluster == "slurm" else js[0].job_id
-            handle = js
+            handle = ex.map_array(fn, list(range(step.tasks)))
+            job_id = handle[0].job_id.split("_")[0] if cluster == "slurm" else handle[0].job_id
         else:
             handle = ex.submit(fn)
             job_id = handle.job_id
-        ntasks = res.world_size if step.kind == "train" else 1
-        rec = cl.JobRecord(job_id=str(job_id), kind=step.kind, level=step.level, cluster=cluster,
-                           folder=str(Path(str(_folder(cfg, step)).replace("%j", str(job_id)))),
-                           command=command, depends_on=previous, tasks=ntasks)
+        folder = Path(str(_folder(cfg, step)).replace("%j", str(job_id)))
+        rec = cl.JobRecord(job_id=str(job_id), kind=step.kind, level=step.level, cluster=cluster, folder=str(folder),
+                           command=command, depends_on=previous, tasks=res.world_size if step.kind == "train" else 1)
         cl.record_job(cfg.run.root, cfg.stack, rec)
-        logs = Path(str(_folder(cfg, step)).replace("%j", str(job_id)))
-        print(f"submitted {step.describe()}: job {job_id} on {cluster}" + (f" (after {previous})" if dependency else ""))
-        print(f"  logs: {logs}/")
-        if step.kind == "train":
-            from largewave import stack
-
-            print(f"  run folder: {stack.run_dir(cfg, step.level)}")
-        jobs.append((step, handle, rec))
+        print(f"submitted {step.describe()}: job {job_id} on {cluster}" + (f" (after {previous})" if dependency else ""),
+              flush=True)
+        print(f"  logs: {folder}/", flush=True)
+        below = cfg.below(step.level) if step.kind == "train" else None
+        if step.kind == "train" and (below is None or stack.export_path(cfg, below).exists()):
+            print(f"  run folder: {stack.run_dir(cfg, step.level)}", flush=True)
         previous = str(job_id)
         if cluster != "slurm" or wait:
             rc = _wait(step, handle, rec, command)
+            timings.append((step.describe(), time.time() - t0))
             if rc != 0:
-                return rc
+                return rc, timings
     if cluster == "slurm" and not wait:
         print(f"\nfollow with: python launch/slurm.py --stack {config} --status")
-    return 0
+    return 0, timings
 
 
 def _wait(step: Step, handle, rec: cl.JobRecord, command: str) -> int:
@@ -171,7 +178,7 @@ def _wait(step: Step, handle, rec: cl.JobRecord, command: str) -> int:
     t0 = time.time()
     for h in handles:
         try:
-            out = h.results() if hasattr(h, "results") else h.result()
+            out = h.results()
         except Exception as e:  # submitit raises FailedJobError / UncompletedJobError with the traceback
             print(f"\nerror: {step.describe()} (job {h.job_id}) failed after {time.time() - t0:.0f} s", file=sys.stderr)
             msg = str(e).strip().splitlines()
@@ -179,8 +186,13 @@ def _wait(step: Step, handle, rec: cl.JobRecord, command: str) -> int:
             print(f"\nlog: {rec.folder}\nresubmit with: {command}", file=sys.stderr)
             return 1
         summary = out[0] if isinstance(out, list) and out else out
-        if summary:
-            print(f"  {step.describe()} done in {time.time() - t0:.0f} s: {summary}")
+        if isinstance(summary, dict) and "run_dir" in summary:  # a training's result
+            summary = (f"step {summary['step']}/{summary['steps']}, run folder {summary['run_dir']}"
+                       + (f", W&B {summary['wandb']}" if summary.get("wandb") else ""))
+        if summary and len(handles) == 1:
+            print(f"  {step.describe()} done in {time.time() - t0:.0f} s: {summary}", flush=True)
+    if len(handles) > 1:
+        print(f"  {step.describe()} done in {time.time() - t0:.0f} s", flush=True)
     return 0
 
 

@@ -68,6 +68,16 @@ def input_dir(cfg: StackConfig, level: str) -> str:
     return cfg.path(cfg.data.shards) if below is None else codes_dir(cfg, below)
 
 
+def audio_ready(cfg: StackConfig) -> bool:
+    """Is there a complete audio shard set (one with a manifest) at ``data.shards``?"""
+    from largewave.data.manifest import ManifestError, read_manifest
+
+    try:
+        return read_manifest(cfg.path(cfg.data.shards)).kind == "audio"
+    except (ManifestError, OSError):
+        return False
+
+
 def latest_step(cfg: StackConfig, level: str) -> Optional[int]:
     """Step of the latest complete checkpoint of ``level``'s run, or None."""
     from largewave.engine.checkpoint import latest_complete

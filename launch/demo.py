@@ -1,17 +1,22 @@
 #!/usr/bin/env python3
-"""The embedded default: the whole demo pipeline on this machine, stage by stage.
+"""The embedded default: the whole demo stack, end to end, on this machine (or your cluster).
 
-    python launch/demo.py              # ~20 minutes of rendered piano → shards → training
-    python launch/demo.py --smoke      # a minute of piano and a few steps: checks that it all runs
+    python launch/demo.py              # 20 minutes of rendered piano → shards → level 1 → codes →
+                                       # level 2 → codes → prior → samples + a reconstruction
+    python launch/demo.py --smoke      # a minute of piano, a few steps per level: checks that it all runs
     python launch/demo.py data.demo_minutes=5 level1.train.steps=200   # any config override
 
-Every stage is a command a user could run by hand (printed before it runs); finished work is
-cached (rendered pieces, complete shard sets, complete checkpoints), so rerunning resumes.
+The stack runs through ``launch/slurm.py --level all`` (submitit's local executor when no Slurm
+controller answers), so every stage is cached and resumable: rerunning continues where it
+stopped. At the end it reconstructs a validation clip through the levels and prints a quality
+summary — codes used per level, the shuffled-codes NLL gap per level (must be positive), the
+samples' loudness and spectral centroid against the corpus — and the paths of the WAV files.
 """
 from __future__ import annotations
 
 import argparse
-import os
+import json
+import re
 import shlex
 import subprocess
 import sys
@@ -23,56 +28,96 @@ sys.path.insert(0, str(ROOT))
 
 from largewave.config import ConfigError, load_config  # noqa: E402
 
-# What --smoke changes: a separate stack name (its own data/ and runs/ folders) and tiny sizes.
+SAMPLE_SECONDS = 4.0
+# What --smoke changes: its own stack name (own data/ and runs/ folders), a minute of piano and a
+# few steps per level. Quality is printed but a tiny run is not held to it.
 SMOKE_OVERRIDES = [
-    "stack=demo-smoke",
-    "data.demo_minutes=1",
-    "data.segment_seconds=10",
+    "stack=demo-smoke", "data.demo_minutes=1", "data.segment_seconds=10",
+    *[f"{level}.{key}" for level in ("level1", "level2", "prior")
+      for key in ("train.steps=8", "train.eval_every=8", "train.sample_every=8", "train.save_every=4",
+                  "train.eval_batches=2", "train.sample_clips=1", "train.sample_seconds=0.25", "optim.warmup_steps=2")],
 ]
 
 
-def stages(stack_args: list[str], cfg) -> list[tuple[str, list[str]]]:
-    py = sys.executable
-    out = []
-    if cfg.data.source == "demo":
-        out.append(("render piano", [py, "shards/render_piano.py", *stack_args]))
-    out.append(("audio shards", [py, "shards/build_audio.py", *stack_args]))
-    return out
+def run_stack(config: str, overrides: list[str], cluster: str, seconds: float) -> tuple[int, list[tuple[str, float]]]:
+    """``launch/slurm.py --level all`` with its output streamed; returns (status, [(stage, seconds)])."""
+    cmd = [sys.executable, "launch/slurm.py", "--stack", config, "--level", "all", "--cluster", cluster, "--wait",
+           "--sample-seconds", f"{seconds:g}", *overrides]
+    print(f"=== {shlex.join(['python', *cmd[1:]])}", flush=True)
+    timings = []
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        m = re.match(r"\s+(.+?) done in (\d+) s", line)
+        if m:
+            timings.append((m.group(1), float(m.group(2))))
+    rc = proc.wait()
+    timings.append(("whole stack", time.time() - t0))
+    return rc, timings
+
+
+def newest_samples(cfg) -> list[str]:
+    summaries = sorted((Path(cfg.run.root) / cfg.stack / "samples").glob("*/summary.json"),
+                       key=lambda p: p.stat().st_mtime)
+    for p in reversed(summaries):
+        s = json.loads(p.read_text())
+        if s.get("mode") == "sample":
+            return list(s["paths"])
+    return []
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        description="Run the demo stack end to end on this machine (CPU is fine).",
-        epilog="Extra arguments of the form key.sub=value override the config, e.g. data.demo_minutes=5.",
-    )
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="demo", help="stack config name under configs/ or a YAML path (default: demo)")
-    ap.add_argument("--smoke", action="store_true", help="a minute of piano and a few steps per stage (what CI runs)")
+    ap.add_argument("--smoke", action="store_true", help="a minute of piano and a few steps per level (what CI runs)")
+    ap.add_argument("--cluster", default="auto", choices=["auto", "slurm", "local"],
+                    help="where the stages run (default auto: Slurm when a controller answers, else this machine)")
+    ap.add_argument("--seconds", type=float, default=None, help=f"length of the samples (default {SAMPLE_SECONDS:g}; smoke 1)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = ap.parse_args(argv)
 
     overrides = (SMOKE_OVERRIDES if args.smoke else []) + list(args.overrides)
+    seconds = args.seconds or (1.0 if args.smoke else SAMPLE_SECONDS)
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stack_args = ["--config", args.config, *overrides]
 
-    timings = []
-    for name, cmd in stages(stack_args, cfg):
-        print(f"\n=== {name}: {shlex.join('python' if c == sys.executable else c for c in cmd)}", flush=True)
-        t0 = time.time()
-        rc = subprocess.call(cmd, cwd=ROOT)
-        timings.append((name, time.time() - t0, rc))
-        if rc != 0:
-            print(f"\nerror: stage '{name}' failed (exit {rc}); fix the problem above and rerun the same command: "
-                  f"finished stages are cached.", file=sys.stderr)
-            return rc
+    rc, timings = run_stack(args.config, overrides, args.cluster, seconds)
+    if rc != 0:
+        print(f"\nerror: the demo stack stopped (exit {rc}); fix the problem above and rerun the same command: "
+              f"finished stages are kept.", file=sys.stderr)
+        return rc
 
-    print("\n=== demo finished")
-    for name, dt, _ in timings:
-        print(f"  {name:<16} {dt:8.1f} s")
-    print(f"  audio shards:    {cfg.path(cfg.data.shards)}")
+    from largewave.data.manifest import read_manifest
+    from largewave.report import stack_report
+    from largewave.sampling import reconstruct_stack
+
+    t0 = time.time()
+    valid = read_manifest(cfg.path(cfg.data.shards)).shards("valid")[0]
+    key, length = valid.keys[0], valid.lengths[0] / cfg.audio.sample_rate
+    start = max(0.0, min(length - seconds, length / 2 - seconds / 2))  # mid-piece: renders begin with silence
+    rec = reconstruct_stack(cfg, key, seconds=seconds, start=start, seed=0, log=None)
+    timings.insert(-1, ("reconstruction", time.time() - t0))
+    samples = newest_samples(cfg)
+    t0 = time.time()
+    report = stack_report(cfg, samples + rec.paths, expected_seconds=seconds, strict=not args.smoke)
+    timings.insert(-1, ("quality summary", time.time() - t0))
+
+    print("\n=== demo finished" + (" (smoke)" if args.smoke else ""))
+    for name, dt in timings:
+        print(f"  {name:<30} {dt:8.0f} s")
+    print(report.format())
+    print("\nsamples:\n" + "\n".join(f"  {p}" for p in samples))
+    print(f"reconstruction of valid clip {key} from {start:.1f} s (original, then decoded from each level's codes):\n"
+          + "\n".join(f"  {p}" for p in rec.paths))
+    print(f"runs, checkpoints, exports, W&B: {Path(cfg.run.root) / cfg.stack}/")
+    if not report.ok:
+        print("\nerror: the quality checks marked FAIL above did not pass", file=sys.stderr)
+        return 1
     return 0
 
 

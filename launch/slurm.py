@@ -54,7 +54,8 @@ def parse_args(argv=None):
     where.add_argument("--constraint", default=None)
     where.add_argument("--setup", action="append", default=[], metavar="LINE",
                        help="shell line run in the job before training (repeatable), e.g. 'source venv/bin/activate'")
-    where.add_argument("--code-tasks", type=int, default=8, help="array tasks for code precompute (default 8)")
+    where.add_argument("--code-tasks", type=int, default=None,
+                       help="array tasks for code precompute (default: 8 on Slurm, 1 on this machine)")
     where.add_argument("--samples", type=int, default=2, help="clips sampled at the end of --level all")
     where.add_argument("--sample-seconds", type=float, default=4.0, help="length of each sampled clip")
     act = ap.add_argument_group("actions")
@@ -92,7 +93,8 @@ def main(argv=None) -> int:
         if args.cancel:
             return launcher.cancel_jobs(cfg, None if args.cancel == "all" else args.cancel)
         cluster = "slurm" if args.dry_run and args.cluster == "auto" else cl.resolve_cluster(args.cluster)
-        plan = launcher.plan(cfg, args.level, code_tasks=args.code_tasks, samples=args.samples,
+        code_tasks = args.code_tasks or (8 if cluster == "slurm" else 1)
+        plan = launcher.plan(cfg, args.level, code_tasks=code_tasks, samples=args.samples,
                              sample_seconds=args.sample_seconds)
         if args.dry_run:
             print(f"# resolved config ({cfg.stack})\n{dump_yaml(cfg)}")
@@ -102,8 +104,10 @@ def main(argv=None) -> int:
                 print(launcher.sbatch_for(step, cfg, res, dependency="afterok:<job of the step above>" if i else None))
             return 0
         wait = args.wait if args.wait is not None else cluster != "slurm"
-        return launcher.submit(plan, cfg, args.stack, args.overrides, res, cluster, wait=wait,
-                               command=shlex.join(["python", "launch/slurm.py", *(argv if argv is not None else sys.argv[1:])]))
+        rc, _ = launcher.submit(plan, cfg, args.stack, args.overrides, res, cluster, wait=wait,
+                                command=shlex.join(["python", "launch/slurm.py",
+                                                    *(argv if argv is not None else sys.argv[1:])]))
+        return rc
     except launcher.LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
