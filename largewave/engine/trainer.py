@@ -124,7 +124,10 @@ def preflight(cfg: StackConfig, level: str) -> dict[str, Any]:
 
         # every shard agrees with the manifest, and the manifest with the export of the level
         # below when it is here (codes copied from elsewhere are checked against themselves)
-        check_codes(cfg, level, require_export=False)
+        try:
+            check_codes(cfg, level, require_export=False)
+        except ConfigError as e:
+            raise ConfigError(f"{cfg.stack}: {what}: {e} (recompute the codes of {below})") from None
     if below is None and m.sample_rate != cfg.audio.sample_rate:
         raise ConfigError(f"{cfg.stack}: audio.sample_rate: {cfg.audio.sample_rate} but the shards at {root} are "
                           f"{m.sample_rate} Hz")
