@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from largewave.config import StackConfig, _level_key
+from largewave.data.shards import tar_member
 from largewave.data.manifest import MANIFEST_NAME, ManifestError, read_manifest, sha256_file, write_manifest
 from largewave.stack import CodesError, CodesNotReady, FingerprintError  # noqa: F401  (re-exported)
 
@@ -142,12 +143,6 @@ def encode_sequence(model, tokens: np.ndarray | torch.Tensor, chunk_frames: int 
 # --------------------------------------------------------------------------------------------
 # Shard files
 # --------------------------------------------------------------------------------------------
-
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
-    return ti
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -368,7 +363,7 @@ def precompute_codes(cfg: StackConfig, level: str, task_index: int = 0, task_cou
                             meta.update(extra, key=key, source_shard=shard.name)
                             for name, data in ((f"{key}.codes.npy", _npy_bytes(codes)),
                                                (f"{key}.json", json.dumps(meta, sort_keys=True).encode())):
-                                tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+                                tar.addfile(tar_member(name, len(data)), io.BytesIO(data))
                             keys.append(key)
                             lengths.append(int(len(codes)))
                             if bar:

@@ -296,7 +296,8 @@ def _ordered_map(fn: Callable, jobs: list[tuple], workers: int,
 # --------------------------------------------------------------------------------------------
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+def tar_member(name: str, size: int) -> tarfile.TarInfo:
+    """A tar header with fixed metadata (mtime 0, root, no names), so rebuilt shards are byte-identical."""
     ti = tarfile.TarInfo(name)
     ti.size, ti.mtime, ti.mode = size, 0, 0o644
     ti.uid = ti.gid = 0
@@ -329,7 +330,7 @@ class _ShardWriter:
             self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
             self._size = 0
         for name, data in ((f"{key}.flac", flac), (f"{key}.json", payload)):
-            self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+            self._tar.addfile(tar_member(name, len(data)), io.BytesIO(data))
         self._size += size
         self._keys.append(key)
         self._lengths.append(int(meta["samples"]))
