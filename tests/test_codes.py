@@ -53,13 +53,7 @@ def set_digest(root: Path) -> dict[str, str]:
             and not p.name.startswith(".")}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: many small forwards, which a second thread only slows down on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture

@@ -30,13 +30,7 @@ from largewave.sampling import (Stack, StackError, continue_stack, parse_tempera
 SR = 16000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Sample-by-sample generation of tiny models: one thread is fastest, and fair to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
