@@ -116,17 +116,32 @@ class Resources:
         return self.nodes * self.ntasks_per_node
 
 
+class _ScriptOnlySlurmExecutor(submitit.SlurmExecutor):
+    """A SlurmExecutor that only writes sbatch text (``--dry-run``): submitit's own executor refuses
+    to exist where ``srun`` is not on PATH, but previewing a script needs no Slurm at all."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 2
+
+    def _internal_process_submissions(self, delayed_submissions):
+        raise RuntimeError("a dry-run executor cannot submit")
+
+
 def make_executor(cluster: str, folder: Path, res: Resources, name: str, dependency: Optional[str] = None,
-                  array_parallelism: Optional[int] = None, single_task: bool = False):
+                  array_parallelism: Optional[int] = None, single_task: bool = False, dry_run: bool = False):
     """A submitit executor for ``cluster`` (slurm | local | debug) with these resources.
 
     ``single_task`` gives one task (code precompute array members, sampling) whatever the GPUs.
+    ``dry_run`` (Slurm only) makes an executor that renders the sbatch script and needs no Slurm
+    binaries on this machine.
     """
     folder = Path(folder)
     ntasks = 1 if single_task else res.ntasks_per_node
     nodes = 1 if single_task else res.nodes
     if cluster == "slurm":
-        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=10_000)  # we requeue ourselves; no silent cap
+        cls = _ScriptOnlySlurmExecutor if dry_run else submitit.SlurmExecutor
+        ex = cls(folder=folder, max_num_timeout=10_000)  # we requeue ourselves; no silent cap
         params = dict(job_name=name, nodes=nodes, ntasks_per_node=ntasks, time=res.time_min,
                       signal_delay_s=res.signal_delay_s, stderr_to_stdout=True,
                       additional_parameters={"requeue": True}, setup=list(res.setup) or None)

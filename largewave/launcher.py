@@ -93,15 +93,16 @@ def _folder(cfg: StackConfig, step: Step) -> Path:
     return Path(cfg.run.root) / cfg.stack / "submitit" / f"{step.kind}-{step.level}" / "%j"
 
 
-def _executor(step: Step, cfg: StackConfig, res: cl.Resources, cluster: str, dependency: Optional[str] = None):
+def _executor(step: Step, cfg: StackConfig, res: cl.Resources, cluster: str, dependency: Optional[str] = None,
+              dry_run: bool = False):
     name = f"lw-{cfg.stack}-{step.kind}-{step.level}"
     return cl.make_executor(cluster, _folder(cfg, step), res, name, dependency=dependency,
-                            single_task=step.kind != "train")
+                            single_task=step.kind != "train", dry_run=dry_run)
 
 
 def sbatch_for(step: Step, cfg: StackConfig, res: cl.Resources, dependency: Optional[str] = None) -> str:
     """The sbatch script of one step, as it would be submitted to Slurm."""
-    ex = _executor(step, cfg, res, "slurm", dependency=dependency)
+    ex = _executor(step, cfg, res, "slurm", dependency=dependency, dry_run=True)
     if step.kind == "codes":
         ex.parameters["map_count"] = step.tasks
     return cl.sbatch_script(ex)

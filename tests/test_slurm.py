@@ -91,8 +91,8 @@ def write_config(root: Path, data: Path, *, steps: int = STEPS, name: str = "slu
     return path
 
 
-def launch(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", WANDB_SILENT="true")
+def launch(*args: str, timeout: float = 600, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", WANDB_SILENT="true")
     r = subprocess.run([sys.executable, str(SLURM), *args], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=timeout)
     if check and r.returncode != 0:
@@ -162,17 +162,27 @@ def reference(cluster, data, tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_dry_run_8_nodes_8_gpus_prints_the_golden_sbatch_script(tmp_path):
+def test_dry_run_8_nodes_8_gpus_prints_the_golden_sbatch_script(tmp_path, no_slurm_env):
+    """On a laptop where Slurm was never installed, as a user previews the script."""
     cfg = write_config(tmp_path / "dry", tmp_path)
     r = launch("--stack", str(cfg), "--level", "1", "--nodes", "8", "--gpus-per-node", "8", "--partition", "gpu",
                "--time", "2-00:00:00", "--account", "acme", "--qos", "high", "--constraint", "a100",
-               "--cpus-per-task", "10", "--dry-run")
+               "--cpus-per-task", "10", "--dry-run", env=no_slurm_env)
     script = r.stdout[r.stdout.index("#!/bin/bash"):]
     script = script.replace(str(tmp_path), "<TMP>").replace(sys.executable, "<PYTHON>")
     golden = (Path(__file__).parent / "golden" / "sbatch_8x8.txt").read_text()
     assert script.strip() == golden.strip(), script
     # and the resolved config + derived quantities came first
     assert "effective batch 256" in r.stdout and "on 64 ranks" in r.stdout
+
+
+@pytest.mark.parametrize("cluster", ["auto", "local", "debug"])
+def test_dry_run_of_the_whole_chain_needs_no_slurm(tmp_path, no_slurm_env, cluster):
+    cfg = write_config(tmp_path / "dry", tmp_path)
+    r = launch("--stack", str(cfg), "--level", "all", "--cluster", cluster, "--dry-run", env=no_slurm_env)
+    assert r.stdout.count("#!/bin/bash") >= 4, r.stdout[-2000:]
+    assert r.stdout.count("#SBATCH --dependency='afterok:<job of the step above>'") >= 3
+    assert "srun" in r.stdout and "Traceback" not in r.stderr
 
 
 def test_two_tasks_train_as_two_deepspeed_ranks_and_checkpoint(reference, cluster):
