@@ -21,7 +21,7 @@ setup(
         "pillow>=9",  # spectrogram images for W&B
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout>=2.1"],
+        "dev": ["pytest>=7", "pytest-timeout>=2.1", "pytest-random-order>=1.1"],
         # bench/sampling.py's public baseline; install it with --no-deps (it needs only torch + numpy):
         #   pip install --no-deps wavenet-vocoder==0.1.1
     },

@@ -48,6 +48,62 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# What signatures and fingerprints hash
+#
+# Run folders are keyed by a hash of a level's config and code sets by a fingerprint of their
+# encoder's config: both are promises ("rerun = resume", "these codes belong to that encoder"), so
+# adding or renaming a field must not move them. Three field markers keep that promise:
+#
+#   bookkeeping()        the field never changes what is computed (logging cadence, how the batch
+#                        is split over ranks, …): never hashed.
+#   added(default)       a field added after signatures were first given out: hashed only when it
+#                        differs from its default (which must reproduce the old computation).
+#   metadata hash_name   a renamed field is hashed under its old name; the old key stays accepted
+#                        as an alias (a class's ``ALIASES``: old name → new name).
+# --------------------------------------------------------------------------------------------
+
+
+def bookkeeping(default: Any = dataclasses.MISSING, **kw) -> Any:
+    """A config field that changes no computation: left out of run signatures and fingerprints."""
+    return field(default=default, metadata={"bookkeeping": True}, **kw)
+
+
+def added(default: Any = dataclasses.MISSING, **kw) -> Any:
+    """A config field added after signatures were pinned: hashed only when not at its default."""
+    return field(default=default, metadata={"omit_default": True}, **kw)
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def hashed(obj: Any) -> Any:
+    """The view of a config value that run signatures and code fingerprints hash: plain data, each
+    field under its hash name, without bookkeeping fields, and without fields added later while
+    they hold their default. For the fields that existed when signatures were pinned this equals
+    ``dataclasses.asdict``."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.metadata.get("bookkeeping"):
+                continue
+            if f.metadata.get("omit_default") and value == _default_of(f):
+                continue
+            out[f.metadata.get("hash_name", f.name)] = hashed(value)
+        return out
+    if isinstance(obj, dict):
+        return {k: hashed(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [hashed(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
 
@@ -214,23 +270,27 @@ class TrainConfig:
     steps: int = 100_000  # optimizer steps
     crop: int = 16384  # tokens of this level's input per training example (multiple of hop)
     crops_per_segment: int = 4  # crops taken from one decoded segment (shares decode cost)
-    micro_batch: int = 8  # examples per rank per forward
-    grad_accum: int = 1
+    # How the batch is split over resources is not hashed: a run moved to fewer or more ranks can
+    # keep its effective batch and still resume.
+    micro_batch: int = bookkeeping(8)  # examples per rank per forward
+    grad_accum: int = bookkeeping(1)
     zero_stage: int = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    activation_checkpointing: bool = False
-    log_every: int = 50
-    eval_every: int = 2000
-    eval_batches: int = 50
-    sample_every: int = 10000  # audio items (reconstructions, generations) to W&B
-    save_every: int = 1000
-    keep_checkpoints: int = 3
-    max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
+    activation_checkpointing: bool = bookkeeping(False)  # same math, less memory
+    log_every: int = bookkeeping(50)
+    eval_every: int = bookkeeping(2000)
+    eval_batches: int = bookkeeping(50)
+    sample_every: int = bookkeeping(10000)  # audio items (reconstructions, generations) to W&B
+    save_every: int = bookkeeping(1000)
+    keep_checkpoints: int = bookkeeping(3)
+    max_nonfinite: int = bookkeeping(20)  # consecutive non-finite losses before the run stops
     seed: int = 0
-    pause_at: int = 0  # > 0: save, evaluate and return at this step (population rounds); rerun continues
+    # > 0: save, evaluate and return at this step (population rounds); rerun continues
+    pause_at: int = bookkeeping(0)
     init_from: Optional[str] = None  # warm start (weights, buffers, optimizer) from this checkpoint folder
-    sample_clips: int = 2  # valid clips reconstructed (level 1) / sequences generated per sample event
-    sample_seconds: float = 1.0  # length of each logged audio item (generation is sample by sample)
+    # valid clips reconstructed (level 1) / sequences generated per sample event
+    sample_clips: int = bookkeeping(2)
+    sample_seconds: float = bookkeeping(1.0)  # length of each logged audio item (generation is sample by sample)
 
     def __post_init__(self):
         for name in ("steps", "crop", "crops_per_segment", "micro_batch", "grad_accum", "log_every",
@@ -523,6 +583,15 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
 def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
+    aliases: dict[str, str] = getattr(cls, "ALIASES", {})
+    if any(old in raw for old in aliases):
+        raw = dict(raw)
+        for old, new in aliases.items():
+            if old in raw:
+                where = f"{prefix}." if prefix else ""
+                if new in raw:
+                    raise ConfigError(f"{source}: {where}{old}: an old name of {where}{new}; give only one of them")
+                raw[new] = raw.pop(old)
     unknown = sorted(set(raw) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""

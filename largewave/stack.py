@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from largewave.config import ConfigError, StackConfig, _level_key
+from largewave.config import ConfigError, StackConfig, _level_key, from_dict, hashed
 
 EXPORT_NAME = "export.pt"
 
@@ -119,9 +119,13 @@ def encoder_fingerprint(payload: dict[str, Any], input_fingerprint: Optional[str
     """
     h = hashlib.sha256()
     level = payload["level"]
-    lv = payload["config"]["levels"][level]
-    described = {"level": level, "hop": lv["hop"], "kind": lv["kind"], "encoder": lv["encoder"],
-                 "quantiser": lv["quantiser"], "audio": payload["config"]["audio"], "input": input_fingerprint}
+    # The typed config, as signatures see it (largewave.config.hashed): fields added since keep
+    # their old fingerprints while at their default, renamed ones are hashed under their old names,
+    # and an export written before a rename still loads through the alias.
+    cfg = from_dict(payload["config"], source=f"the config stored in the export of {level}")
+    lv = cfg.levels[level]
+    described = {"level": level, "hop": lv.hop, "kind": lv.kind, "encoder": hashed(lv.encoder),
+                 "quantiser": hashed(lv.quantiser), "audio": hashed(cfg.audio), "input": input_fingerprint}
     h.update(json.dumps(described, sort_keys=True).encode())
     state = payload["state_dict"]
     for name in sorted(state):

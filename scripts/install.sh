@@ -7,8 +7,9 @@ export PIP_ROOT_USER_ACTION=ignore
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
-# Debian packages: FluidSynth + a sampled piano soundfont render the demo corpus.
-APT_PACKAGES=(fluidsynth musescore-general-soundfont-lossless)
+# Debian packages: FluidSynth + a sampled piano soundfont render the demo corpus; curl is WebDataset's
+# reader of http(s) shards.
+APT_PACKAGES=(fluidsynth musescore-general-soundfont-lossless curl)
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC=${LARGEWAVE_TORCH:-torch==2.13.0}
 

@@ -17,6 +17,7 @@ import torch
 from largewave.audio import mulaw_encode
 from largewave.data.loader import Batch, EvalLoader, TrainLoader
 from largewave.data.manifest import ManifestError
+from conftest import ensure_program
 from shardutil import make_audio_shards, make_code_shards
 
 # 6 segments of exactly 1 s (16,000 samples) in 2 shards: with crop 1000 every segment holds 16
@@ -335,8 +336,7 @@ def test_remote_shards_pipe_and_http(audio, tmp_path):
                         cache_dir=tmp_path / "cache1", num_workers=2, **GEOM)
     _same(ref, _batches(piped, 6))
 
-    if shutil.which("curl") is None:
-        pytest.skip("curl (WebDataset's http reader) is not installed")
+    ensure_program("curl", "curl")  # WebDataset's http reader
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(train.root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)

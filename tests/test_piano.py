@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from largewave.data.piano import (MidiEvent, MidiFile, RenderError, cache_dir, cut_midi, ensure_tools,
-                                  find_soundfont, parse_midi, plan_lengths, render_corpus, write_midi)
+from conftest import skip_because
+from largewave.data.piano import (MidiEvent, MidiFile, RenderError, cut_midi, ensure_tools,
+                                  find_soundfont, maestro_midis, parse_midi, plan_lengths, render_corpus,
+                                  write_midi)
 
 
 def toy_midi(seconds=12.0, tempo_change_at=4.0) -> MidiFile:
@@ -86,7 +88,7 @@ def test_plan_spreads_minutes_over_performances():
 def _tools_or_skip():
     have = shutil.which("fluidsynth") and find_soundfont()
     if not have and (not hasattr(os, "geteuid") or os.geteuid() != 0):
-        pytest.skip("fluidsynth or the MuseScore General soundfont is missing and we are not root: "
+        skip_because("not-root", "fluidsynth or the MuseScore General soundfont is missing and we are not root: "
                     "apt-get install fluidsynth musescore-general-soundfont-lossless")
     try:
         return ensure_tools(log=lambda s: None)  # as root: installs them
@@ -97,6 +99,12 @@ def _tools_or_skip():
 @pytest.fixture(scope="module")
 def tools():
     return _tools_or_skip()
+
+
+@pytest.fixture(scope="module")
+def maestro():
+    """The ten MAESTRO MIDIs, fetched into the cache first when it has none (as the demo does)."""
+    return maestro_midis(log=lambda s: None)
 
 
 @pytest.mark.timeout(60, func_only=True)  # an apt install in the fixture is not counted
@@ -119,10 +127,8 @@ def test_render_ten_seconds(tools, tmp_path):
 
 
 @pytest.mark.timeout(60, func_only=True)
-def test_render_maestro_excerpt(tools, tmp_path):
-    midis = sorted((cache_dir() / "maestro-midi").glob("Maestro_*.mid"))
-    if not midis:
-        pytest.skip(f"the MAESTRO MIDIs are not cached in {cache_dir()} (shards/render_piano.py fetches them)")
+def test_render_maestro_excerpt(tools, maestro, tmp_path):
+    midis = maestro
     paths = render_corpus(tmp_path, 10 / 60, min_piece_seconds=10, midi_files=midis[:1], workers=1,
                           install=False, progress=False, log=lambda s: None)
     audio, rate = sf.read(paths[0])

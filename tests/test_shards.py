@@ -18,6 +18,7 @@ from largewave.audio import decode_flac, float_to_pcm16, load_audio
 from largewave.data.manifest import ManifestError, read_manifest, write_manifest
 from largewave.data.shards import (BuildError, _ordered_map, build_audio_shards, hash_splits, piece_id,
                                    read_split_file, segment_bounds)
+from conftest import skip_because
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -274,7 +275,7 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
 
 def test_unreadable_file_without_root(tmp_path):
     if hasattr(os, "geteuid") and os.geteuid() == 0:
-        pytest.skip("root reads files whatever their permissions (the dangling-link case covers unreadable)")
+        skip_because("root", "root reads files whatever their permissions (the dangling-link case covers unreadable)")
     src = tmp_path / "in"
     write(src / "ok.wav", 16000, 1.0)
     locked = write(src / "locked.wav", 16000, 1.0)

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shardutil import make_audio_shards  # noqa: E402
+from conftest import skip_because  # noqa: E402
 from slurm_cluster import ClusterUnavailable, LocalSlurmCluster  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +40,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     if os.geteuid() != 0:
-        pytest.skip("the Slurm test cluster needs root (its daemons run as SlurmUser=root)")
+        skip_because("not-root", "the Slurm test cluster runs its daemons as SlurmUser=root")
     root = tmp_path_factory.mktemp("slurm")
     c = LocalSlurmCluster(root / "cluster")
     try:

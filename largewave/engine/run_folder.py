@@ -7,11 +7,13 @@ over the JSON of everything that changes what training computes:
 * the data the level reads: the shard folder (audio shards for level 1, ``{data.codes}/level{k-1}``
   above) and ``data.seed`` (the crop order);
 * this level's whole config — kind, hop, encoder, quantiser, decoder, optim, and train —
-  **except** fields that only change bookkeeping: ``log_every``, ``eval_every``, ``eval_batches``,
-  ``sample_every``, ``sample_clips``, ``sample_seconds``, ``save_every``, ``keep_checkpoints``,
-  ``max_nonfinite``, and ``activation_checkpointing`` (same math, less memory); and except how
-  the batch is split over resources, ``micro_batch`` and ``grad_accum``, so that a run moved to
-  fewer or more ranks can keep its effective batch and still resume;
+  as :func:`largewave.config.hashed` sees it: **except** fields marked ``bookkeeping`` that only
+  change bookkeeping (``log_every``, ``eval_every``, ``eval_batches``, ``sample_every``,
+  ``sample_clips``, ``sample_seconds``, ``save_every``, ``keep_checkpoints``, ``max_nonfinite``,
+  ``pause_at``, and ``activation_checkpointing``: same math, less memory) and how the batch is
+  split over resources (``micro_batch`` and ``grad_accum``, so that a run moved to fewer or more
+  ranks can keep its effective batch and still resume); fields ``added`` later count only when
+  they differ from their default, and renamed fields count under their old name;
 * the model sections (kind, hop, encoder, quantiser, decoder) of the levels below, whose codes
   this level reads;
 * above level 1, the fingerprint of the codes it trains on (from the level below's export, or the
@@ -28,7 +30,6 @@ on whatever code is checked out then): ``command.txt``, ``git.txt`` (commit and 
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -39,11 +40,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from largewave.config import REPO_ROOT, StackConfig
+from largewave.config import REPO_ROOT, StackConfig, hashed
 
-BOOKKEEPING = ("log_every", "eval_every", "eval_batches", "sample_every", "sample_clips", "sample_seconds",
-               "save_every", "keep_checkpoints", "max_nonfinite", "activation_checkpointing",
-               "micro_batch", "grad_accum", "pause_at")
 
 
 def data_root(cfg: StackConfig, level: str) -> str:
@@ -55,13 +53,11 @@ def data_root(cfg: StackConfig, level: str) -> str:
 
 
 def signature_payload(cfg: StackConfig, level: str) -> dict[str, Any]:
-    lv = dataclasses.asdict(cfg.level(level))
-    for key in BOOKKEEPING:
-        lv["train"].pop(key, None)
+    lv = hashed(cfg.level(level))  # without bookkeeping fields (see largewave.config.bookkeeping)
     names = cfg.level_names()
     below = {}
     for name in names[: names.index(level)]:
-        b = dataclasses.asdict(cfg.levels[name])
+        b = hashed(cfg.levels[name])
         below[name] = {k: b[k] for k in ("kind", "hop", "encoder", "quantiser", "decoder")}
     data = {"root": data_root(cfg, level), "seed": cfg.data.seed}
     if names.index(level) > 0:
@@ -70,7 +66,7 @@ def signature_payload(cfg: StackConfig, level: str) -> dict[str, Any]:
 
         prev = names[names.index(level) - 1]
         data["codes"] = stack.expected_fingerprint(cfg, prev) or stack.code_set_fingerprint(cfg, prev)
-    return {"stack": cfg.stack, "level": level, "audio": dataclasses.asdict(cfg.audio),
+    return {"stack": cfg.stack, "level": level, "audio": hashed(cfg.audio),
             "data": data, "config": lv, "below": below}
 
 
