@@ -3,7 +3,7 @@
 A config file describes one *stack*: the audio format, the data, and the levels trained on it
 (``level1``, ``level2``, … on codes of the level below, and optionally a ``prior`` on top).
 
-    cfg = load_config("demo", ["level1.optim.lr=3e-4", "data.minutes=2"])
+    cfg = load_config("demo", ["level1.optim.lr=3e-4", "data.demo_minutes=2"])
 
 Every key is checked: an unknown key, a wrong type or an impossible value raises
 :class:`ConfigError` with the file and the dotted key, e.g.

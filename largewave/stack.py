@@ -100,6 +100,11 @@ def train_command(cfg: StackConfig, level: str) -> str:
     return f"python launch/train.py --stack {_config_arg(cfg)} --level {key.removeprefix('level')}"
 
 
+def shards_command(cfg: StackConfig) -> str:
+    """The command that builds this stack's audio shards (for error messages)."""
+    return f"python shards/build_audio.py --config {_config_arg(cfg)}"
+
+
 def codes_command(cfg: StackConfig, level: str) -> str:
     """The command that (re)computes ``level``'s codes (for error messages)."""
     return f"python shards/build_codes.py --config {_config_arg(cfg)} --level {_level_key(level).removeprefix('level')}"

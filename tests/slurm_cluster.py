@@ -5,8 +5,9 @@ state, sockets and logs in one private folder and on free ports, so it touches n
 and stops exactly what it started. Accounting (slurmdbd) is there because without it ``sacct``
 fails and submitit cannot learn that a cancelled job ended.
 
-    python tests/slurm_cluster.py start DIR    # prints the SLURM_CONF to export
-    python tests/slurm_cluster.py stop DIR
+    python tests/slurm_cluster.py start DIR    # start in the background; prints the SLURM_CONF to export
+    python tests/slurm_cluster.py run DIR      # the same, in the foreground until Ctrl-C
+    python tests/slurm_cluster.py stop DIR     # stop what `start DIR` started (from its pid files)
 
 The cluster has two partitions on one node: ``debug`` (default) and ``urgent``, a higher
 priority tier whose jobs preempt ``debug`` jobs with PreemptMode=REQUEUE.
@@ -259,15 +260,51 @@ PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=10
 """)
 
 
+def stop_from_pidfiles(root: str | os.PathLike, timeout: float = 15.0) -> list[str]:
+    """Stop the daemons of a cluster started in ``root`` by another process (``start DIR``), from
+    the pid files they wrote; returns the names of those that were running."""
+    run = Path(root).resolve() / "run"
+    files = {"slurmd": "slurmd.pid", "slurmctld": "slurmctld.pid", "slurmdbd": "slurmdbd.pid",
+             "mariadbd": "mysqld.pid", "munged": "munged.pid"}
+    stopped = []
+    for name in reversed(DAEMONS):
+        f = run / files[name]
+        try:
+            pid = int(f.read_text().split()[0])
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError, IndexError):
+            continue
+        stopped.append(name)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    return stopped
+
+
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 2 or argv[0] not in ("start", "run"):
-        print(__doc__)
-        return 2
-    cluster = LocalSlurmCluster(argv[1])
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["start", "run", "stop"])
+    ap.add_argument("dir", help="private folder for the cluster's configs, state, sockets and logs")
+    args = ap.parse_args(argv)
+    if args.action == "stop":
+        stopped = stop_from_pidfiles(args.dir)
+        print(f"stopped {', '.join(stopped)}" if stopped else f"nothing was running from {args.dir}")
+        return 0
+    cluster = LocalSlurmCluster(args.dir)
     cluster.start()
     print(f"export SLURM_CONF={cluster.conf}")
-    if argv[0] == "run":  # keep the daemons in the foreground until interrupted
+    if args.action == "run":  # keep the daemons in the foreground until interrupted
         try:
             signal.pause()
         finally:

@@ -109,7 +109,9 @@ def preflight(cfg: StackConfig, level: str) -> dict[str, Any]:
     try:
         m = read_manifest(root)
     except (ManifestError, FileNotFoundError, OSError) as e:
-        hint = ("build the audio shards first (python launch/shards.py --stack " + cfg.stack + ")") if below is None \
+        from largewave.stack import shards_command
+
+        hint = f"build the audio shards first ({shards_command(cfg)})" if below is None \
             else f"train {below} and precompute its codes first"
         raise ConfigError(f"{cfg.stack}: {what}: no usable shard set at {root!r} for {level} ({e}); {hint}") from None
     if below is None and m.kind != "audio":
