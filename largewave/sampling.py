@@ -309,13 +309,15 @@ class Stack:
         padded[:n] = w
         return mulaw_encode(padded, self.mu), n
 
-    def _encode_tokens(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    def _encode_tokens(self, tokens: np.ndarray, levels: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+        """Encode mu-law tokens through ``levels`` (a bottom prefix of the ADA levels; default all)."""
         from largewave.codes import encode_sequence, set_fp32_exact
 
-        self._need(self.ada_levels)
+        levels = list(self.ada_levels if levels is None else levels)
+        self._need(levels)
         set_fp32_exact()
         out = {"audio": tokens}
-        for name in self.ada_levels:
+        for name in levels:
             model = self.models[name]
             if not getattr(model, "discrete", True):
                 raise StackError(f"{name} has a continuous embedding: there are no codes to stack or store")
@@ -438,31 +440,49 @@ class Stack:
         return Generation(waves=np.ascontiguousarray(waves, dtype=np.float32), sample_rate=self.sample_rate,
                           timings=timings, tokens=kept, prompt_samples=p_samples)
 
+    def trained_levels(self) -> list[str]:
+        """The ADA levels, bottom up, as far as each has an export: what can reconstruct now
+        (level 1 alone as soon as it is trained, before any level above exists)."""
+        out = []
+        for name in self.ada_levels:
+            if name not in self.models:
+                break
+            out.append(name)
+        return out
+
     @torch.no_grad()
     def reconstruct(self, wave: np.ndarray | torch.Tensor, temperatures: Temperatures = None,
                     seed: int = 0, levels: Optional[Sequence[str]] = None) -> Reconstruction:
         """Encode ``wave`` (float[N]) through the levels, then decode it back from each level's codes.
 
-        The input is padded with silence to whole top-level frames and every output cut back to
-        N samples. ``levels`` picks which reconstructions to make (default: every ADA level).
+        The input is padded with silence to whole frames of the highest level used and every
+        output cut back to N samples. ``levels`` picks which reconstructions to make (default:
+        every ADA level trained so far, bottom up: see :meth:`trained_levels`); a level needs the
+        exports of itself and of every level below it, not of the levels above.
         """
-        self._need(self.ada_levels)
         if not self.ada_levels:
             raise StackError(f"stack {self.cfg.stack} has no level with codes to reconstruct through")
+        if levels:
+            wanted = [_level_key(x) for x in levels]
+            for name in wanted:
+                if name not in self.ada_levels:
+                    raise StackError(f"no ADA level {name!r} to reconstruct from (have {', '.join(self.ada_levels)})")
+        else:
+            wanted = self.trained_levels()
+            if not wanted:
+                self._need(self.ada_levels[:1])  # raises: the bottom level has no export
+        used = self.ada_levels[: max(self.ada_levels.index(n) for n in wanted) + 1]
+        self._need(used)
         temps = self.temperatures(temperatures)
-        tokens, n = self._tokens(wave, pad_to=self.hop)
-        enc = self._encode_tokens(tokens)
-        wanted = [_level_key(x) for x in (levels or self.ada_levels)]
-        for name in wanted:
-            if name not in self.ada_levels:
-                raise StackError(f"no ADA level {name!r} to reconstruct from (have {', '.join(self.ada_levels)})")
+        tokens, n = self._tokens(wave, pad_to=math.prod(self.cfg.level(x).hop for x in used))
+        enc = self._encode_tokens(tokens, used)
         g = self._generator(seed)
         # Top-down, one batched decode per level: the reconstructions from every level at or above
         # it go through each decoder together (their streams have equal length: the input was
         # padded to whole top-level frames).
         streams: dict[str, torch.Tensor] = {}
         timings: dict[str, float] = {}
-        for name in reversed(self.ada_levels):
+        for name in reversed(used):
             if name in wanted:
                 streams[name] = torch.as_tensor(enc[name], dtype=torch.long, device=self.device)[None]
             if not streams:

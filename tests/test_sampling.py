@@ -248,3 +248,30 @@ def test_trained_tiny_stack_end_to_end(tmp_path):
     run("launch/sample.py", "--config", "demo", "--reconstruct", key, "--seconds", "0.1", "--out", str(tmp_path / "rec"))
     assert all(read_wav(tmp_path / "rec" / f"{n}.wav")[0].shape == (1600,)
                for n in ("original", "from-level1", "from-level2"))
+
+
+@pytest.mark.timeout(120)
+def test_level1_reconstructs_before_level2_exists(tmp_path):
+    """A researcher checks level 1 before training level 2: with only level 1 exported, the API and
+    the command line reconstruct from level 1; asking for level 2 names what to train."""
+    partial = tiny_stack(tmp_path)
+    make_audio(partial)
+    export_untrained(partial, "level1")
+    s = Stack.load(partial)
+    assert s.trained_levels() == ["level1"]
+    wave = 0.3 * np.sin(np.arange(203) / 5.0).astype(np.float32)  # not a whole level-2 frame
+    rec = s.reconstruct(wave, seed=0)
+    assert set(rec.waves) == {"level1"} and rec.waves["level1"].shape == (203,)
+    assert set(rec.codes) == {"level1"}
+    with pytest.raises(StackError, match=r"level2 of stack tiny has no export .*--level 2"):
+        s.reconstruct(wave, levels=["level2"])
+    overrides = ["stack=tiny", f"run.root={partial.run.root}", f"data.shards={partial.data.shards}",
+                 f"data.codes={partial.data.codes}", *TINY]
+    key = read_manifest(partial.data.shards).shards("valid")[0].keys[0]
+    r = subprocess.run([sys.executable, str(REPO / "launch" / "sample.py"), "--config", "demo", "--reconstruct", key,
+                        "--seconds", "0.05", "--seed", "0", "--out", str(tmp_path / "rec"), *overrides],
+                       capture_output=True, text=True, timeout=100)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "rec").glob("*.wav")) == ["from-level1.wav", "original.wav"]
+    w, sr = read_wav(tmp_path / "rec" / "from-level1.wav")
+    assert sr == SR and w.shape == (800,)
