@@ -291,6 +291,11 @@ class TrainConfig:
     # valid clips reconstructed (level 1) / sequences generated per sample event
     sample_clips: int = bookkeeping(2)
     sample_seconds: float = bookkeeping(1.0)  # length of each logged audio item (generation is sample by sample)
+    # At each evaluation: quality figures (largewave.quality) on this many fixed valid clips of
+    # eval_clip_seconds, reconstructed (ADA levels) or generated (priors) at eval_temperature
+    eval_clips: int = bookkeeping(4)
+    eval_clip_seconds: float = bookkeeping(1.0)
+    eval_temperature: float = bookkeeping(1.0)
 
     def __post_init__(self):
         for name in ("steps", "crop", "crops_per_segment", "micro_batch", "grad_accum", "log_every",
@@ -301,6 +306,10 @@ class TrainConfig:
         _require(self.sample_clips >= 0, "sample_clips", f"{self.sample_clips} must be >= 0")
         _require(self.pause_at >= 0, "pause_at", f"{self.pause_at} must be >= 0 (0: never)")
         _require(self.sample_seconds > 0, "sample_seconds", f"{self.sample_seconds} must be > 0")
+        _require(self.eval_clips >= 0, "eval_clips", f"{self.eval_clips} must be >= 0 (0: no quality figures)")
+        _require(self.eval_clip_seconds > 0, "eval_clip_seconds", f"{self.eval_clip_seconds} must be > 0")
+        _require(self.eval_temperature >= 0 and math.isfinite(self.eval_temperature), "eval_temperature",
+                 f"{self.eval_temperature} must be >= 0 (0: greedy)")
 
 
 @dataclass

@@ -37,6 +37,8 @@ TINY = [
     "prior.decoder.residual_channels=8", "prior.decoder.gate_channels=16", "prior.decoder.skip_channels=16",
     "prior.decoder.stacks=2", "prior.decoder.layers_per_stack=4", "prior.decoder.input_kernel_size=2",
     "prior.train.crop=32",
+    # no quality figures at evaluations (they reconstruct seconds of audio sample by sample)
+    "level1.train.eval_clips=0", "level2.train.eval_clips=0", "prior.train.eval_clips=0",
 ]
 
 

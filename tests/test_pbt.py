@@ -58,7 +58,8 @@ def test_a_vqvae_population_completes_exploit_explore_rounds(tmp_path):
     make_audio_shards(tmp_path / "audio", pieces=1, seconds=1.0, segment_seconds=1.0, per_shard=2, split="valid",
                       seed=1)
     cfg_path = write_config(tmp_path, tmp_path, steps=40)
-    overrides = ["level1.quantiser.kind=vqvae", "level1.train.eval_batches=2", "run.wandb_mode=offline"]
+    overrides = ["level1.quantiser.kind=vqvae", "level1.train.eval_batches=2", "level1.train.eval_clips=0",
+                 "run.wandb_mode=offline"]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
     r = subprocess.run([sys.executable, "launch/pbt.py", "--stack", str(cfg_path), "--level", "1", "--members", "3",
                         "--rounds", "2", "--interval", "4", "--fraction", "0.34", "--cluster", "local", *overrides],

@@ -81,7 +81,7 @@ def write_config(root: Path, data: Path, *, steps: int = STEPS, name: str = "slu
             optim: {{lr: 3.0e-3, warmup_steps: 2}}
             train: {{steps: {steps}, crop: {256 if not codes_in else 64}, micro_batch: 4, crops_per_segment: 2,
                      zero_stage: 2, log_every: 10, eval_every: {steps}, eval_batches: 1, sample_every: {steps},
-                     sample_clips: 0, save_every: 10, keep_checkpoints: 2}}
+                     sample_clips: 0, eval_clips: 0, save_every: 10, keep_checkpoints: 2}}
         """)
     path.write_text(
         f"stack: {name}\n"

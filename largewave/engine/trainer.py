@@ -42,6 +42,7 @@ import torch
 from largewave import distributed
 from largewave.config import ConfigError, StackConfig, _level_key, dump_yaml
 from largewave.engine import checkpoint as ckpt
+from largewave.engine import evaluate
 from largewave.engine.deepspeed_config import deepspeed_config, make_scheduler, memory_estimate
 from largewave.engine.export import write_export
 from largewave.engine.run_folder import data_root, run_dir, signature, signature_payload, write_snapshot
@@ -266,6 +267,7 @@ class Trainer:
         self.stop = StopFlag()
         self.ema: Optional[WeightEMA] = None
         self.wandb = None
+        self._probe: Optional[evaluate.QualityProbe] = None  # the fixed clips of the quality figures
         self.engine = None
         self.last_saved_step = -1
         self._window: dict[str, float] = {}
@@ -783,6 +785,8 @@ class Trainer:
         res["perf/eval_time_s"] = time.perf_counter() - t0
         if discrete and usage.sum() > 0:
             res["valid/codes_used"] = float((usage > 0).sum())
+        if self.main and t.eval_clips > 0:
+            res.update(self._quality(model))
         self.last_eval = {k.removeprefix("valid/"): float(v) for k, v in res.items() if k.startswith("valid/")}
         self.last_eval_step = self.step
         if self.main:
@@ -798,7 +802,32 @@ class Trainer:
                   + (f", uses-the-codes gap {gap:.3f} bits/tok" if gap is not None else "")
                   + (f", {int(data['valid/codes_used'])}/{K} codes used" if "valid/codes_used" in data else "")
                   + f" ({res['perf/eval_time_s']:.1f} s)", flush=True)
+            line = evaluate.format_figures({k.removeprefix("valid/"): v for k, v in res.items()})
+            if line:
+                print(f"[{self.cfg.stack}/{self.level}] eval step {self.step}: {line}", flush=True)
         return res
+
+    def _quality(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Quality figures on the level's fixed valid clips (rank 0; see largewave.engine.evaluate),
+        with the original-vs-output spectrogram of the first clip."""
+        t = self.lv.train
+        t0 = time.perf_counter()
+        if self._probe is None:
+            self._probe = evaluate.QualityProbe(self.cfg, self.level, t.eval_clips, t.eval_clip_seconds)
+        with self._isolated_rng():
+            figs, pairs = self._probe.run(model, self.device, t.eval_temperature, seed=t.seed)
+        if not figs:
+            return {}
+        out: dict[str, Any] = {f"valid/{k}": v for k, v in figs.items()}
+        name, original, output = pairs[0]
+        png = evaluate.write_comparison(self.run_dir / "samples" / ckpt.tag_for(self.step) / f"quality-{name}.png",
+                                        original, output, self.cfg.audio.sample_rate)
+        if self.wandb.enabled:
+            img = self.wandb.image(png, f"{name}: original (top) and {'reconstruction' if 'valid/recon_lsd_db' in out else 'a generation'}")
+            if img is not None:
+                out["quality/spectrogram"] = img
+        out["perf/quality_time_s"] = time.perf_counter() - t0
+        return out
 
     # ---- audio samples ---------------------------------------------------------------------------
 

@@ -9,6 +9,10 @@
 * No step is logged twice: ``wandb/last_logged_step`` records the last step that reached wandb.
   After a resume from an earlier checkpoint, steps up to that value are recomputed (bitwise
   identically) but not logged again.
+* Whatever the W&B mode (``disabled`` included), rank 0 appends every logged scalar to
+  ``metrics.jsonl`` in the run folder, one ``{"step": …, key: value, …}`` line per call, with the
+  same rule: steps up to the last one already in the file are not written again after a resume.
+  Tools and tests read that file, never W&B's private formats.
 """
 from __future__ import annotations
 
@@ -54,13 +58,46 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
+def last_metrics_step(path: Path) -> int:
+    """The last step written to a ``metrics.jsonl`` (-1 when there is none)."""
+    last = -1
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    last = max(last, int(json.loads(line)["step"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line torn by a kill
+    except FileNotFoundError:
+        pass
+    return last
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The rows of a run's ``metrics.jsonl`` (a line torn by a kill is skipped)."""
+    rows = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return rows
+
+
 class WandbLogger:
     """Rank-0 W&B run. On other ranks (or with mode ``disabled``) every method is a no-op."""
 
     def __init__(self, *, enabled: bool, run_dir: Path, mode: str, project: str, entity: Optional[str],
                  group: str, name: str, run_id: str, config: dict[str, Any], tags: list[str]):
         self.enabled = enabled and mode != "disabled"
+        self.main = enabled
         self.mode = mode
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_floor = last_metrics_step(self.metrics_path) if enabled else -1
         self.run_id = run_id
         self.dir = run_dir / "wandb"
         self._last_file = self.dir / "last_logged_step"
@@ -94,6 +131,13 @@ class WandbLogger:
 
     def log(self, step: int, data: dict[str, Any]) -> None:
         """Log one step's data, once. ``data`` values may be numbers or wandb media objects."""
+        if self.main and step > self.metrics_floor and data:
+            scalars = {k: float(v) for k, v in data.items()
+                       if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)}
+            if scalars:
+                self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps({"step": int(step), **scalars}) + "\n")
         if not self.should_log(step) or not data:
             return
         self.run.log(data, step=step)
