@@ -97,6 +97,7 @@ def run_curve(name: str, overrides: list[str], args, core: int | None) -> dict:
         stop.start()
         for line in proc.stdout:
             out.write(line)
+            out.flush()
             m = re.search(r"eval step (\d+): [\d.]+ bits/tok", line)
             if m:
                 times[int(m.group(1))] = (time.time() - t0) / 60

@@ -267,7 +267,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100_000  # optimizer steps
+    steps: int = 100_000  # optimizer steps (0: export the initialised model, an untrained baseline)
     crop: int = 16384  # tokens of this level's input per training example (multiple of hop)
     crops_per_segment: int = 4  # crops taken from one decoded segment (shares decode cost)
     # How the batch is split over resources is not hashed: a run moved to fewer or more ranks can
@@ -298,7 +298,9 @@ class TrainConfig:
     eval_temperature: float = bookkeeping(1.0)
 
     def __post_init__(self):
-        for name in ("steps", "crop", "crops_per_segment", "micro_batch", "grad_accum", "log_every",
+        _require(self.steps >= 0, "steps", f"{self.steps} must be >= 0 (0: export the initialised model, "
+                 "an untrained baseline)")
+        for name in ("crop", "crops_per_segment", "micro_batch", "grad_accum", "log_every",
                      "eval_every", "eval_batches", "sample_every", "save_every", "keep_checkpoints",
                      "max_nonfinite"):
             _require(getattr(self, name) >= 1, name, f"{getattr(self, name)} must be >= 1")
@@ -345,6 +347,48 @@ class LevelConfig:
 
 
 @dataclass
+class LevelGate:
+    """Floors one level must reach in the quality summary (``launch/demo.py``; exit 1 when one is
+    missed). Unset floors are not checked. Figures as defined in :mod:`largewave.quality`."""
+
+    gap_bits: Optional[float] = None  # the uses-the-codes gap (bits/token) must exceed this
+    lsd_db: Optional[float] = None  # reconstruction LSD at most
+    flatness_excess_db: Optional[float] = None  # reconstruction flatness excess at most
+    pitch_class: Optional[float] = None  # reconstruction pitch-class agreement at least
+    beat_noise: bool = False  # every reconstruction figure better than the equal-RMS noise baseline
+    beat_chance: bool = False  # reconstruction LSD and pitch-class agreement better than chance
+    lsd_beats_noise: bool = False  # reconstruction LSD better than the noise baseline (a smoke-scale floor)
+    centroid_ratio: Optional[float] = None  # generated samples: spectral centroid within ×this of the corpus
+    flatness_db: Optional[float] = None  # generated samples: median flatness within this many dB of the corpus
+
+    def __post_init__(self):
+        if self.centroid_ratio is not None:
+            _require(self.centroid_ratio >= 1, "centroid_ratio", f"{self.centroid_ratio} must be >= 1")
+        if self.pitch_class is not None:
+            _require(0 <= self.pitch_class <= 1, "pitch_class", f"{self.pitch_class} must be in [0, 1]")
+
+
+@dataclass
+class QualityConfig:
+    """How the quality summary measures a trained stack (never part of a run signature)."""
+
+    clips: int = 4  # fixed valid clips each ADA level reconstructs
+    clip_seconds: float = 2.0
+    # sampling temperature of each level's decoder for reconstructions and generations (default 1.0)
+    temperatures: dict[str, float] = field(default_factory=dict)
+    gate: dict[str, LevelGate] = field(default_factory=dict)  # level name → its floors
+
+    def __post_init__(self):
+        _require(self.clips >= 1, "clips", f"{self.clips} must be >= 1")
+        _require(self.clip_seconds > 0, "clip_seconds", f"{self.clip_seconds} must be > 0")
+        for k, v in self.temperatures.items():
+            _require(v >= 0, f"temperatures.{k}", f"{v} must be >= 0 (0: greedy)")
+
+    def temperature(self, level: str) -> float:
+        return float(self.temperatures.get(level, 1.0))
+
+
+@dataclass
 class RunConfig:
     root: str = "runs"  # run folders: {root}/{stack}/{level}/...
     wandb_project: str = "largewave"
@@ -364,6 +408,7 @@ class StackConfig:
     data: DataConfig = field(default_factory=DataConfig)
     levels: dict[str, LevelConfig] = field(default_factory=dict)
     run: RunConfig = field(default_factory=RunConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
     def __post_init__(self):
         _require(bool(self.stack) and "/" not in self.stack, "stack", f"{self.stack!r} is not a valid stack name")
@@ -382,6 +427,9 @@ class StackConfig:
                          f"{names[i - 1]} (kind {below.kind}) makes no discrete codes to stack on")
             lv = self.levels[name]
             _require(lv.kind != "prior" or i >= 1, f"levels.{name}.kind", "a prior must sit on a level with codes")
+        for key in (*self.quality.gate, *self.quality.temperatures):
+            _require(key in self.levels, f"quality.{'gate' if key in self.quality.gate else 'temperatures'}.{key}",
+                     f"no level {key!r} in this stack ({', '.join(names)})")
 
     # ---- derived quantities --------------------------------------------------------------
 

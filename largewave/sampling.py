@@ -360,15 +360,15 @@ class Stack:
         return tokens
 
     def temperatures(self, temperatures: Temperatures = None) -> dict[str, float]:
-        """Per-level temperatures from one number (every level), a partial mapping (the rest 1.0)
-        or None (all 1.0). 0 means greedy."""
+        """Per-level temperatures from one number (every level), a partial mapping (the rest from
+        the config) or None (all from the config's ``quality.temperatures``, 1.0 where it names
+        none). 0 means greedy."""
         names = self.cfg.level_names()
-        if temperatures is None or isinstance(temperatures, (int, float)):
-            t = 1.0 if temperatures is None else float(temperatures)
-            out = {n: t for n in names}
+        if isinstance(temperatures, (int, float)):
+            out = {n: float(temperatures) for n in names}
         else:
-            out = {n: 1.0 for n in names}
-            for k, v in temperatures.items():
+            out = {n: self.cfg.quality.temperature(n) for n in names}
+            for k, v in (temperatures or {}).items():
                 key = _level_key(k)
                 if key not in out:
                     raise StackError(f"temperature for {k!r}: stack {self.cfg.stack} has {', '.join(names)}")

@@ -29,13 +29,25 @@ sys.path.insert(0, str(ROOT))
 from largewave.config import ConfigError, load_config  # noqa: E402
 
 SAMPLE_SECONDS = 4.0
+SMOKE_LEVEL1 = ["level1.train.steps=300", "level1.train.eval_every=300", "level1.train.save_every=100",
+                "level1.optim.warmup_steps=20"]
 # What --smoke changes: its own stack name (own data/ and runs/ folders), a minute of piano and a
 # few steps per level. Quality is printed but a tiny run is not held to it.
 SMOKE_OVERRIDES = [
     "stack=demo-smoke", "data.demo_minutes=1", "data.segment_seconds=10",
     *[f"{level}.{key}" for level in ("level1", "level2", "prior")
       for key in ("train.steps=8", "train.eval_every=8", "train.sample_every=8", "train.save_every=4",
-                  "train.eval_batches=2", "train.sample_clips=1", "train.sample_seconds=0.25", "optim.warmup_steps=2")],
+                  "train.eval_batches=2", "train.sample_clips=1", "train.sample_seconds=0.25", "optim.warmup_steps=2",
+                  "train.eval_clips=1", "train.eval_clip_seconds=0.25")],
+    # level 1 gets the steps that the smoke-scale floor needs: it uses its codes (gap > 0) and its
+    # reconstructions beat equal-RMS noise on LSD
+    *SMOKE_LEVEL1,
+    "quality.clips=2", "quality.clip_seconds=1.0",
+    "quality.gate.level1.gap_bits=0", "quality.gate.level1.lsd_beats_noise=true",
+    *[f"quality.gate.level1.{k}=null" for k in ("lsd_db", "flatness_excess_db", "pitch_class")],
+    "quality.gate.level1.beat_noise=false", "quality.gate.level1.beat_chance=false",
+    "quality.gate.level2.gap_bits=null", "quality.gate.level2.beat_chance=false",
+    "quality.gate.prior.centroid_ratio=null", "quality.gate.prior.flatness_db=null",
 ]
 
 
@@ -104,7 +116,7 @@ def main(argv=None) -> int:
     timings.insert(-1, ("reconstruction", time.time() - t0))
     samples = newest_samples(cfg)
     t0 = time.time()
-    report = stack_report(cfg, samples + rec.paths, expected_seconds=seconds, strict=not args.smoke)
+    report = stack_report(cfg, samples, expected_seconds=seconds)
     timings.insert(-1, ("quality summary", time.time() - t0))
 
     print("\n=== demo finished" + (" (smoke)" if args.smoke else ""))

@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--count", type=int, default=1, help="clips sampled together (default 1)")
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
     ap.add_argument("--temperature", action="append", default=[], metavar="T | LEVEL=T[,LEVEL=T]",
-                    help="sampling temperature for every level, or per level (repeatable; 0 = greedy; default 1)")
+                    help="sampling temperature for every level, or per level (repeatable; 0 = greedy; default: the "
+                         "config's quality.temperatures, 1.0 where it names none)")
     ap.add_argument("--out", help="output folder (default: runs/<stack>/samples/<time>-seed<seed>)")
     ap.add_argument("--device", help="cuda, cpu, … (default: cuda when present)")
     ap.add_argument("--threads", type=int, default=1,
