@@ -261,10 +261,11 @@ def stack_report(cfg: StackConfig, wavs: Sequence[str | Path] = (), *, expected_
             continue
         m = _valid_nll(cfg, name, eval_batches)
         if lv.has_codes:
-            used, k = _code_usage(stack.codes_dir(cfg, name)) if stack.codes_status(cfg, name)[0] else (0, lv.quantiser.codes)
-            m.update(codes_used=used, codes=k, usage=used / k)
-            rep.checks.append(Check(f"{name} codebook usage", m["usage"] >= USAGE_AIM,
-                                    f"{used}/{k} codes used (aim >= {100 * USAGE_AIM:.0f}%)", required=False))
+            if stack.codes_status(cfg, name)[0]:  # usage over the whole code set, once it is computed
+                used, k = _code_usage(stack.codes_dir(cfg, name))
+                m.update(codes_used=used, codes=k, usage=used / k)
+                rep.checks.append(Check(f"{name} codebook usage", m["usage"] >= USAGE_AIM,
+                                        f"{used}/{k} codes used (aim >= {100 * USAGE_AIM:.0f}%)", required=False))
             if figures:
                 m.update(reconstruction_figures(cfg, name))
         rep.levels[name] = m

@@ -62,7 +62,9 @@ def test_untrained_level1_fails_the_gate_and_the_smoke_recipe_passes(smoke):
 
     # the trainer's evaluation scored the same figures, printed them and wrote them to metrics.jsonl
     assert "reconstruction LSD" in out and "chance/noise" in out
-    (run,) = list((Path(cfg.run.root) / "demo-smoke" / "level1").glob("*/metrics.jsonl"))
+    from largewave import stack
+
+    run = stack.run_dir(cfg, "level1") / "metrics.jsonl"
     rows = [json.loads(line) for line in run.read_text().splitlines()]
     evals = [r for r in rows if "valid/recon_lsd_db" in r]
     steps = cfg.level("level1").train.steps
