@@ -556,6 +556,9 @@ class Trainer:
             old = ckpt.rank_state_path(c.path, min(self.rank, int(common["world_size"]) - 1))
             state = torch.load(old, map_location="cpu", weights_only=False)
             self.loader.load_state_dict(state["loader"])
+            # module buffers (usage counts, VQ codebooks and their EMA statistics) are kept equal
+            # on every rank, so the old rank's copy is everyone's
+            self._load_buffers(state["buffers"])
             self._seed_rank_rngs(self.lv.train.seed, self.step)
         self.last_saved_step = self.step
         if self.main:
@@ -651,7 +654,8 @@ class Trainer:
         from largewave.models import build_level
 
         if self._eval_model is None:
-            self._eval_model = build_level(self.cfg, self.level).to(self.device)
+            with self._isolated_rng():  # its initial weights must not draw from training's streams
+                self._eval_model = build_level(self.cfg, self.level).to(self.device)
         m = self._eval_model
         params = self.ema.shadow if (use_ema and self.ema is not None) else self.full_parameters()
         with torch.no_grad():
