@@ -73,7 +73,7 @@ class Report:
         lines.append(f"  corpus (valid audio)         spectral centroid {self.corpus_centroid_hz:.0f} Hz, "
                      f"flatness {self.corpus_flatness_db:.1f} dB")
         for c in self.checks:
-            mark = "ok  " if c.ok else ("FAIL" if c.required else "info")
+            mark = "info" if not c.required else ("ok  " if c.ok else "FAIL")
             lines.append(f"  [{mark}] {c.name}: {c.detail}")
         return "\n".join(lines)
 
