@@ -24,3 +24,4 @@ bench: install
 	$(PYTHON) bench/sampling.py
 	$(PYTHON) bench/codes.py
 	$(PYTHON) bench/train.py
+	$(PYTHON) bench/learn.py --minutes 10

@@ -15,20 +15,27 @@ so with one thread wall seconds are core seconds; CPU seconds are given too beca
 processes on a busy machine slow the wall clock but not the CPU time. The corpus is synthetic
 piano-like audio (decaying harmonic notes plus a little noise) in files of random lengths.
 
-    python bench/codes.py                     # 16 s of audio, under 2 minutes on one core
-    python bench/codes.py --seconds 180       # a few minutes of audio (~10 minutes here)
+Protocol (``bench/_common.py``): ours and plain alternate (ours, plain, ours, plain, …)
+``--repeats`` times (default 3); each figure is the median with its spread (min–max); the load
+average is printed at start and end, with the CPU model and flags.
+
+    python bench/codes.py                     # 16 s of audio x 3 repeats, ~1-2 minutes on one core
+    python bench/codes.py --quick             # 4 s of audio x 3 repeats, a smoke run
+    python bench/codes.py --seconds 180       # a few minutes of audio (~30 minutes here)
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import Sample, alternate, measure, median, print_end, print_machine, ratio_spread, spread  # noqa: E402
 
 from largewave.audio import mulaw_encode  # noqa: E402
 from largewave.codes import ACTIVATION_BYTES, BATCH_CHUNKS, CHUNK_FRAMES, encode_sequences, set_fp32_exact  # noqa: E402
@@ -63,12 +70,6 @@ def corpus(total_seconds: float, seed: int = 0) -> list[np.ndarray]:
     return files
 
 
-def timed(fn):
-    w0, c0 = time.perf_counter(), time.process_time()
-    out = fn()
-    return out, time.perf_counter() - w0, time.process_time() - c0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=16.0, help="seconds of synthetic audio (default 16)")
@@ -76,8 +77,13 @@ def main() -> None:
     ap.add_argument("--chunk-frames", type=int, default=CHUNK_FRAMES)
     ap.add_argument("--batch-chunks", type=int, default=BATCH_CHUNKS, help="default: by memory budget")
     ap.add_argument("--config", default="piano", help="stack whose level-1 encoder to time (default: piano)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs of ours and plain (>= 3)")
+    ap.add_argument("--quick", action="store_true", help="4 s of audio (a smoke run)")
     args = ap.parse_args()
+    if args.quick:
+        args.seconds = min(args.seconds, 4.0)
     torch.set_num_threads(args.threads)
+    print_machine("clock: wall (CPU time beside it)")
     set_fp32_exact()
     torch.manual_seed(0)
     cfg = load_config(args.config)
@@ -96,7 +102,11 @@ def main() -> None:
     encode_sequences(model, [files[0][:SR]], args.chunk_frames, args.batch_chunks)
     model.encode(torch.as_tensor(files[0][: SR // 8 * 8])[None])
 
-    ours, w_ours, c_ours = timed(lambda: encode_sequences(model, files, args.chunk_frames, args.batch_chunks))
+    codes: dict[str, list] = {}
+
+    def run_ours() -> Sample:
+        codes["ours"], s = measure(lambda: encode_sequences(model, files, args.chunk_frames, args.batch_chunks), audio)
+        return s
 
     def plain():
         out = []
@@ -105,16 +115,26 @@ def main() -> None:
             out.append(model.encode(t)[0].numpy())
         return out
 
-    ref, w_plain, c_plain = timed(plain)
-    same = all(np.array_equal(a, b) for a, b in zip(ours, ref))
+    def run_plain() -> Sample:
+        codes["plain"], s = measure(plain, audio)
+        return s
+
+    # alternate (ours, plain, ours, plain, …) so foreign load on a shared machine hits both
+    runs = alternate({"ours": run_ours, "plain": run_plain}, args.repeats)
+    same = all(np.array_equal(a, b) for a, b in zip(codes["ours"], codes["plain"]))
     cores = args.threads
     print()
-    print(f"{'':>8} {'wall s':>8} {'CPU s':>8} {'audio s / s / core':>20} {'audio s / CPU s':>16}")
-    for name, w, c in (("ours", w_ours, c_ours), ("plain", w_plain, c_plain)):
-        print(f"{name:>8} {w:8.1f} {c:8.1f} {audio / w / cores:20.3f} {audio / c:16.3f}")
-    print(f"\nours / plain: {w_plain / w_ours:.2f}x by wall time, {c_plain / c_ours:.2f}x by CPU time; "
-          f"codes identical: {same}")
-    print(f"one core encodes {audio / w_ours / cores * 60 / 3600:.4f} h of audio per minute with ours")
+    print(f"median (min–max) of {args.repeats} alternating runs")
+    print(f"{'':>8} {'wall s':>18} {'CPU s':>18} {'audio s / s / core':>24} {'audio s / CPU s':>24}")
+    for name in ("ours", "plain"):
+        r = runs[name]
+        print(f"{name:>8} {spread([x.wall for x in r], '.1f'):>18} {spread([x.cpu for x in r], '.1f'):>18} "
+              f"{spread([x.wall_rate / cores for x in r], '.3f'):>24} {spread([x.cpu_rate for x in r], '.3f'):>24}")
+    wo, wp = [x.wall_rate for x in runs["ours"]], [x.wall_rate for x in runs["plain"]]
+    co, cp = [x.cpu_rate for x in runs["ours"]], [x.cpu_rate for x in runs["plain"]]
+    print(f"\nours / plain: {ratio_spread(wo, wp)} by wall time, {ratio_spread(co, cp)} by CPU time "
+          f"(ratio of medians, range of the per-round ratios); codes identical: {same}")
+    print(f"one core encodes {median(wo) / cores * 60 / 3600:.4f} h of audio per minute with ours")
     longest = max(len(f) for f in files)
     window = args.chunk_frames * enc.hop + 2 * (-(-enc.context // enc.hop) * enc.hop)
     # bytes per token of the largest activation: encoder width, or K features per frame over its hop
@@ -123,6 +143,7 @@ def main() -> None:
     print(f"largest activation: plain {longest * act / 2 ** 20:.0f} MiB for the longest file here "
           f"({SR * 600 * act / 2 ** 30:.1f} GiB for a 10-minute recording); ours "
           f"{per * window * act / 2 ** 20:.0f} MiB whatever the file length")
+    print_end()
     if not same:
         sys.exit("error: chunked codes differ from whole-file codes")
 

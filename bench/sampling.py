@@ -1,46 +1,68 @@
-"""Generation speed of the reference level-1 decoder.
+"""Generation speed of the reference level-1 decoder, conditioned and unconditioned, against
+the public peer ``wavenet-vocoder==0.1.1``.
 
 The decoder: V = 256 mu-law classes, 30 layers (3 stacks of dilations 1…512), kernel 2,
 64 residual channels, dilated convs 64 → 128 (64 tanh + 64 sigmoid), 256 skip channels,
-64-dim local conditioning at hop 8 (≈ 1.5 M parameters). Measured in one run:
+and either 64-dim local conditioning at hop 8 (≈ 1.5 M parameters) or none. Measured in one run:
 
 - ours: ``WaveNet.generate`` (incremental state, O(layers) per step), B = 1 and B = 16;
-- naive: the full forward over the last receptive field for every new sample;
-- baseline: ``wavenet-vocoder==0.1.1``'s ``incremental_forward`` on the same configuration
-  after ``make_generation_fast_()`` (if that package is installed);
+- peer: ``wavenet-vocoder==0.1.1``'s ``incremental_forward`` on the same layers after
+  ``make_generation_fast_()`` (if that package is installed), conditioned (``cin_channels=64``,
+  conditioning given at sample rate as it requires) and unconditioned (``cin_channels=-1``);
+- naive: our full forward over the last receptive field for every new sample (conditioned);
 - ceiling: one step's weights (≈ 1.24 M multiply-adds per stream) as one fused matmul, i.e. how
   fast this machine can stream the step's weights through the matrix unit with zero overhead.
 
-It prints samples/s, the ratios, the fraction of the ceiling, and a profile of one step.
+Protocol (``bench/_common.py``): wall clock, CPU time beside it; ours and the peer alternate
+(ours, peer, ours, peer, …) ``--repeats`` times per row; median and spread (min–max); the load
+average at start and end, the CPU model and flags. Then a profile of our step, and a profile of
+the peer's step conditioned vs unconditioned (why its conditioned figure is lower).
 
-    python bench/sampling.py [--threads 1] [--clock cpu|wall]
+Why the peer's conditioned figure is lower (measured by ``peer_diagnosis`` below, printed at the
+end, with torch.profiler and cProfile): its ``incremental_forward`` does NOT upsample or
+recompute the whole conditioning per step — it transposes ``c`` to B x T x C once, before its
+loop, and reads ``c[:, t, :]`` per step. The extra cost is per-sample conditioning projected in
+every layer: one more ``Conv1d1x1.incremental_forward`` per layer (a 64 → 128 ``F.linear`` on the
+step's vector, behind its Python wrapper), one more ``split`` and two ``add``s — about +26 % op
+calls per step (≈ 3,030 vs 2,400); its step is dispatch-bound, and it costs +10–40 % time per
+step measured here on one thread (e.g. 249 vs 275, 281 vs 391, 318 vs 375 samples/s). A figure
+near 86 samples/s (vs ~320 unconditioned) is not what this code costs on one quiet thread and
+does not reproduce; the peer gets there when the machine is shared: a wall clock at load average
+~6.5 on these 2 CPUs gave 77 (CPU time: 228), and torch on 2 threads under load 10–30. Its weight
+norm left on (no ``make_generation_fast_``) costs ~15–45 %, not that much.
+
+    python bench/sampling.py [--threads 1] [--repeats 5] [--quick]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import math
 import os
+import pstats
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _common import (Sample, alternate, cpu_rates, measure, median, print_end, print_machine,  # noqa: E402
+                     ratio_spread, spread, wall_rates)
 from largewave.models.wavenet import WaveNet  # noqa: E402
 
 V, LAYERS, STACKS, R, G, S, C, HOP = 256, 30, 3, 64, 128, 256, 64, 8
 
-# The clock every rate is measured with. "cpu" (default): this process's CPU time, which on a
-# machine shared with other jobs is what the code costs (time spent descheduled is not counted);
-# meaningful with --threads 1, where CPU time == busy time of one core. "wall": elapsed time.
-now = time.process_time
+# Every rate here is wall clock (elapsed time); CPU time is printed beside the comparison rows.
+now = time.perf_counter
 
 
-def reference_decoder() -> WaveNet:
+def reference_decoder(cond: bool = True) -> WaveNet:
     dilations = [2 ** i for _ in range(STACKS) for i in range(LAYERS // STACKS)]
     return WaveNet(V, dilations, residual_channels=R, gate_channels=G, skip_channels=S,
-                   kernel_size=2, cond_channels=C, cond_hop=HOP).eval()
+                   kernel_size=2, cond_channels=C if cond else 0, cond_hop=HOP).eval()
 
 
 def timed(fn, min_seconds: float) -> float:
@@ -55,64 +77,73 @@ def timed(fn, min_seconds: float) -> float:
             return elapsed / n
 
 
-def ours(net: WaveNet, batch: int, steps: int) -> float:
-    cond = torch.randn(batch, C, math.ceil(steps / HOP))
+def ours(net: WaveNet, batch: int, steps: int) -> Sample:
+    cond = torch.randn(batch, C, math.ceil(steps / HOP)) if net.cond is not None else None
     g = torch.Generator().manual_seed(0)
-    net.generate(64, cond=cond[:, :, :8], generator=g)  # warm-up
-    start = now()
-    net.generate(steps, cond=cond, temperature=1.0, generator=g)
-    return batch * steps / (now() - start)
+    net.generate(64, batch=batch, cond=None if cond is None else cond[:, :, :8], generator=g)  # warm-up
+    _, s = measure(lambda: net.generate(steps, batch=batch, cond=cond, temperature=1.0, generator=g),
+                   batch * steps)
+    return s
 
 
-def naive(net: WaveNet, batch: int, steps: int) -> float:
+def naive(net: WaveNet, batch: int, steps: int) -> Sample:
     """Recompute the whole receptive field for every sample (no caches)."""
     rf = net.receptive_field
     total = rf + steps
     tokens = torch.randint(0, V, (batch, total))
     cond = torch.randn(batch, C, math.ceil(total / HOP) + 1)
     g = torch.Generator().manual_seed(0)
-    start = now()
-    with torch.inference_mode():
-        for t in range(rf, rf + steps):
-            # the window must start on a frame boundary to line the conditioning up
-            lo = (t - rf) // HOP * HOP
-            logits = net(tokens[:, lo:t + 1], cond[:, :, lo // HOP:])[:, :, -1]
-            tokens[:, t] = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)[:, 0]
-    return batch * steps / (now() - start)
+
+    def run():
+        with torch.inference_mode():
+            for t in range(rf, rf + steps):
+                # the window must start on a frame boundary to line the conditioning up
+                lo = (t - rf) // HOP * HOP
+                logits = net(tokens[:, lo:t + 1], cond[:, :, lo // HOP:])[:, :, -1]
+                tokens[:, t] = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)[:, 0]
+
+    return measure(run, batch * steps)[1]
 
 
-def baseline_model():
+def baseline_model(cond: bool = True, fast: bool = True):
     """wavenet-vocoder 0.1.1 on the reference configuration, or the reason it is unavailable."""
     try:
+        import warnings
+
         from wavenet_vocoder import WaveNet as VocoderWaveNet
     except Exception as e:  # not installed: say so
         return None, f"wavenet-vocoder not importable ({type(e).__name__}: {e})"
     torch.manual_seed(0)
-    m = VocoderWaveNet(out_channels=V, layers=LAYERS, stacks=STACKS, residual_channels=R,
-                       gate_channels=G, skip_out_channels=S, kernel_size=2, cin_channels=C,
-                       gin_channels=-1, upsample_conditional_features=False).eval()
-    m.make_generation_fast_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # its torch.nn.utils.weight_norm
+        m = VocoderWaveNet(out_channels=V, layers=LAYERS, stacks=STACKS, residual_channels=R,
+                           gate_channels=G, skip_out_channels=S, kernel_size=2, cin_channels=C if cond else -1,
+                           gin_channels=-1, upsample_conditional_features=False).eval()
+    if fast:
+        m.make_generation_fast_()
     return m, ""
 
 
-def baseline(m, batch: int, steps: int) -> tuple[float, str]:
-    c = torch.randn(batch, C, steps)  # its conditioning is given at sample rate
+def baseline(m, batch: int, steps: int, cond: bool) -> tuple[Sample, str]:
+    # Conditioned, its incremental_forward reads c[:, t, :] from a B x T x C copy made once and
+    # projects it in every layer (one more 64 -> 128 linear + split + 2 adds per layer, ~+26 % op
+    # calls): +10-40 % time per step on one thread, not the ~4x once reported (see peer_diagnosis).
+    c = torch.randn(batch, C, steps) if cond else None  # its conditioning is given at sample rate
     with torch.inference_mode():
         if batch == 1:
             # its own sampling path (softmax + numpy choice), as shipped
-            m.incremental_forward(c=c[:, :, :16], T=16)
-            start = now()
-            m.incremental_forward(c=c, T=steps)
+            m.incremental_forward(c=None if c is None else c[:, :, :16], T=16)
+            _, s = measure(lambda: m.incremental_forward(c=c, T=steps), batch * steps)
             note = "incremental_forward, its own sampling"
         else:
             # its sampler handles one stream only: feed the softmax back without sampling
             x0 = torch.zeros(batch, V, 1)
             x0[:, 127] = 1
-            m.incremental_forward(c=c[:, :, :16], T=16, test_inputs=x0, quantize=False)
-            start = now()
-            m.incremental_forward(c=c, T=steps, test_inputs=x0, quantize=False)
+            m.incremental_forward(c=None if c is None else c[:, :, :16], T=16, test_inputs=x0, quantize=False)
+            _, s = measure(lambda: m.incremental_forward(c=c, T=steps, test_inputs=x0, quantize=False),
+                           batch * steps)
             note = "incremental_forward, quantize=False (its sampler is batch-1 only)"
-    return batch * steps / (now() - start), note
+    return s, note
 
 
 def step_weight_shape() -> tuple[int, int]:
@@ -145,7 +176,7 @@ def profile_step(net: WaveNet, batch: int, steps: int = 400) -> str:
             state._step(tok)
         wall = (now() - t0) / steps
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
                 state._step(tok)
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
@@ -198,71 +229,216 @@ def python_share(net: WaveNet, batch: int, steps: int = 400) -> tuple[float, flo
     return real * 1e6, py * 1e6
 
 
+# ---- why the peer's conditioned sampling is slower ------------------------------------------
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence file descriptor 2 (the profiler's native start/stop log lines) for a while."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _peer_step_profile(m, cond: bool, steps: int) -> tuple[dict, dict]:
+    """({op: (calls/step, self µs/step)}, {python function: calls/step}) of the peer's B=1 step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    c = torch.randn(1, C, steps) if cond else None
+    with torch.inference_mode():
+        m.incremental_forward(c=None if c is None else c[:, :, :16], T=16)
+        with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            m.incremental_forward(c=c, T=steps)
+        pr = cProfile.Profile()
+        pr.enable()
+        m.incremental_forward(c=c, T=steps)
+        pr.disable()
+    ops = {e.key: (e.count / steps, e.self_cpu_time_total / steps) for e in prof.key_averages()}
+    funcs = {}
+    for (file, line, name), (cc, nc, tt, ct, callers) in pstats.Stats(pr).stats.items():
+        short = f"{os.path.basename(file)}:{line}({name})" if file != "~" else name
+        funcs[short] = nc / steps
+    return ops, funcs
+
+
+def peer_diagnosis(steps: int, repeats: int, measured: dict) -> list[str]:
+    """Profile the peer's batch-1 step conditioned vs unconditioned and name the difference.
+
+    ``measured``: {cond: [Sample]} of the alternating B=1 peer runs above (the timing evidence).
+    """
+    unc, why = baseline_model(cond=False)
+    if unc is None:
+        return [f"  peer not available: {why}"]
+    con, _ = baseline_model(cond=True)
+    ops_u, fn_u = _peer_step_profile(unc, False, steps)
+    ops_c, fn_c = _peer_step_profile(con, True, steps)
+    calls_u, calls_c = sum(v[0] for v in ops_u.values()), sum(v[0] for v in ops_c.values())
+    self_u, self_c = sum(v[1] for v in ops_u.values()), sum(v[1] for v in ops_c.values())
+    us_u = [1e6 / x for x in wall_rates(measured[False])]
+    us_c = [1e6 / x for x in wall_rates(measured[True])]
+    cpu_u = median(1e6 / x for x in cpu_rates(measured[False]))
+    cpu_c = median(1e6 / x for x in cpu_rates(measured[True]))
+    lines = [f"  peer B=1: µs/step from the alternating runs above (wall: median (min–max); CPU: median); one profiled "
+             f"run of {steps} steps each (torch.profiler, cProfile) for the op counts:",
+             f"    unconditioned: wall {spread(us_u):>22}, CPU {cpu_u:6,.0f} µs/step; {calls_u:5.0f} op calls/step, "
+             f"profiled op self-time {self_u:5.0f} µs/step",
+             f"    conditioned:   wall {spread(us_c):>22}, CPU {cpu_c:6,.0f} µs/step; {calls_c:5.0f} op calls/step, "
+             f"profiled op self-time {self_c:5.0f} µs/step",
+             f"    conditioned − unconditioned: {calls_c / calls_u - 1:+.0%} op calls, {median(us_c) / median(us_u) - 1:+.0%} "
+             f"wall and {cpu_c / cpu_u - 1:+.0%} CPU time per step",
+             "    ops whose calls/step differ (conditioned − unconditioned; profiled self-time difference):"]
+    diff = []
+    for k in set(ops_u) | set(ops_c):
+        cu, tu = ops_u.get(k, (0.0, 0.0))
+        cc, tc = ops_c.get(k, (0.0, 0.0))
+        if abs(cc - cu) >= 0.5:
+            diff.append((tc - tu, cc - cu, k))
+    for dt, dc, k in sorted(diff, reverse=True):
+        lines.append(f"      {k:<26} {dc:+7.1f} calls/step  {dt:+8.1f} µs/step")
+    lines.append("    Python functions whose calls/step differ (cProfile):")
+    fdiff = sorted(((fn_c.get(k, 0) - fn_u.get(k, 0), k) for k in set(fn_u) | set(fn_c)
+                    if abs(fn_c.get(k, 0) - fn_u.get(k, 0)) >= 0.5), reverse=True)
+    for dc, k in fdiff[:8]:
+        lines.append(f"      {k:<60} {dc:+6.1f}/step")
+    up = [k for k in ops_c if any(w in k for w in ("conv_transpose", "upsample", "repeat_interleave", "interpolate"))]
+    lines.append(f"    upsampling ops (conv_transpose, upsample, repeat_interleave, interpolate) in the conditioned "
+                 f"run: {', '.join(up) if up else 'none'}")
+    # the same models with their weight norm left on (make_generation_fast_ not called), alternating
+    slow_models = {cond: baseline_model(cond=cond, fast=False)[0] for cond in (False, True)}
+    n = max(50, steps // 2)
+    slow = alternate({cond: (lambda cond=cond: baseline(slow_models[cond], 1, n, cond)[0]) for cond in (False, True)},
+                     repeats)
+    lines.append(f"    without make_generation_fast_ (weight norm recomputed every step), {repeats} alternating runs of "
+                 f"{n} steps: unconditioned {spread(wall_rates(slow[False]))}, conditioned "
+                 f"{spread(wall_rates(slow[True]))} samples/s")
+    return lines
+
+
+def peer_note(peer: dict) -> str:
+    """The finding about the peer's conditioned figure, with this run's B=1 medians in it."""
+    wc, wu = median(wall_rates(peer[True])), median(wall_rates(peer[False]))
+    cc, cu = median(cpu_rates(peer[True])), median(cpu_rates(peer[False]))
+    load = os.getloadavg()[0]
+    return f"""\
+finding (peer, conditioned vs unconditioned): wavenet-vocoder 0.1.1's incremental_forward neither upsamples
+  nor recomputes the conditioning per step: it transposes c to B x T x C once, before its loop, and each
+  step reads c[:, t, :] (the +1 select, +1 unsqueeze above). The rest of the difference is all per-sample
+  conditioning projected in every layer: each of the 30 ResidualConv1dGLU layers runs one more
+  Conv1d1x1.incremental_forward (a 64 -> 128 F.linear on one vector behind its Python wrapper: hook loop,
+  linearized-weight lookup, views), one more split and two more adds — ~+26 % op calls. Its step is
+  dispatch-bound (~1 µs of arithmetic per op), so its time follows the op count: +10–40 % per step seen
+  on one thread here. In this run (B=1 medians): wall {wc:,.0f} vs {wu:,.0f} samples/s, CPU time {cc:,.0f}
+  vs {cu:,.0f}, load average now {load:.1f} on {os.cpu_count()} CPUs. So the earlier 86 samples/s (vs ~320
+  unconditioned) is not what conditioning costs, and it does not reproduce on one quiet thread. What
+  puts the peer in that range on this machine is the machine: a wall clock on cores shared with many
+  other processes (at load average ~6.5 on these 2 CPUs a run of this benchmark measured 77 wall vs 228
+  CPU-time samples/s conditioned; compare the wall and CPU columns), or torch on 2+ threads on these
+  2 cores (10–30 samples/s seen here under load). Leaving its weight norm on (make_generation_fast_
+  not applied: each step recomputes g·v/‖v‖ for 123 convs conditioned vs 93) costs too (row above),
+  but not that much."""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: batch-1 work does not scale)")
     ap.add_argument("--seconds", type=float, default=1.0, help="minimum timing per ceiling measurement")
     ap.add_argument("--steps", type=int, default=2000, help="samples per stream for our generation (B=16: a third)")
-    ap.add_argument("--repeats", type=int, default=2, help="alternating runs of ours and the baseline; best counts")
-    ap.add_argument("--naive-steps", type=int, default=64, help="B=1; B=16 runs a sixteenth")
+    ap.add_argument("--repeats", type=int, default=5, help="alternating runs of ours and the peer per row (>= 3)")
+    ap.add_argument("--naive-steps", type=int, default=32, help="B=1; B=16 runs a sixteenth (at least 2)")
     ap.add_argument("--baseline-steps", type=int, default=300, help="B=1; B=16 runs half")
-    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
-                    help="cpu: process CPU time (robust on a shared machine; use with --threads 1); wall: elapsed")
+    ap.add_argument("--profile-steps", type=int, default=200, help="steps of each profiled peer run")
+    ap.add_argument("--quick", action="store_true", help="3 repeats, fewer steps (a smoke run, ~1 minute)")
     args = ap.parse_args()
-    global now
-    now = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.quick:
+        args.repeats, args.steps, args.baseline_steps, args.naive_steps = 3, 600, 100, 16
+        args.profile_steps, args.seconds = 100, 0.4
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    net = reference_decoder()
-    params = sum(p.numel() for p in net.parameters())
-    print(f"reference level-1 decoder: {params / 1e6:.3f} M parameters, receptive field "
-          f"{net.receptive_field} samples; torch {torch.__version__}, {args.threads} thread(s), "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; clock: {args.clock}", flush=True)
+    print_machine(f"torch {torch.__version__}, {args.threads} thread(s); clock: wall (CPU time beside it)")
+    nets = {True: reference_decoder(True), False: reference_decoder(False)}
+    params = {k: sum(p.numel() for p in n.parameters()) for k, n in nets.items()}
+    print(f"reference level-1 decoder: {params[True] / 1e6:.3f} M parameters conditioned (C={C}, hop {HOP}), "
+          f"{params[False] / 1e6:.3f} M unconditioned; receptive field {nets[True].receptive_field} samples", flush=True)
 
-    # The machine may be shared: ours and the baseline are measured in alternation, best of
-    # `repeats` runs each, so that a burst of foreign load does not favour either.
-    vocoder, why = baseline_model()
+    # Ours and the peer alternate within each row (ours, peer, ours, peer, …), so that a burst of
+    # foreign load on this shared machine hits both; the figure is the median over the repeats.
+    peers = {cond: baseline_model(cond) for cond in (True, False)}
+    why = peers[True][1]
     results = {}
     for B in (1, 16):
-        r: dict = {"ours": 0.0, "baseline": 0.0 if vocoder is not None else None, "baseline_note": why}
-        for _ in range(args.repeats):
-            r["ours"] = max(r["ours"], ours(net, B, args.steps if B == 1 else args.steps // 3))
+        for cond in (True, False):
+            vocoder = peers[cond][0]
+            note = [why]
+
+            def run_peer(vocoder=vocoder, B=B, cond=cond, note=note):
+                s, note[0] = baseline(vocoder, B, args.baseline_steps if B == 1 else args.baseline_steps // 2, cond)
+                return s
+
+            cases = {"ours": lambda B=B, cond=cond: ours(nets[cond], B, args.steps if B == 1 else args.steps // 3)}
             if vocoder is not None:
-                sps, r["baseline_note"] = baseline(vocoder, B, args.baseline_steps if B == 1 else args.baseline_steps // 2)
-                r["baseline"] = max(r["baseline"], sps)
-        r["naive"] = naive(net, B, args.naive_steps if B == 1 else max(4, args.naive_steps // 16))
-        r["ceiling_steps"] = max(ceiling(B, args.seconds / 2) for _ in range(2))
-        results[B] = r
-        print(f"measured B={B}", flush=True)
+                cases["peer"] = run_peer
+            r = alternate(cases, args.repeats)
+            r["peer_note"] = note[0]
+            results[B, cond] = r
+            print(f"measured B={B} {'conditioned' if cond else 'unconditioned'}", flush=True)
+        results[B, "naive"] = naive(nets[True], B, args.naive_steps if B == 1 else max(2, args.naive_steps // 16))
+        results[B, "ceiling"] = [ceiling(B, args.seconds / 2) for _ in range(3)]
 
     print()
-    print(f"{'':>6} {'ours':>10} {'naive':>10} {'baseline':>10} {'ceiling':>10}   ours/naive  ours/baseline  "
-          f"of ceiling   (samples/s over all streams)")
-    for B, r in results.items():
-        base, mine = r["baseline"], r["ours"]
-        ceil = r["ceiling_steps"] * B
-        base_s = f"{base:10.0f}" if base else "       n/a"
-        ratio_s = f"{mine / base:12.2f}x" if base else "         n/a"
-        print(f"B={B:<4} {mine:10.0f} {r['naive']:10.1f} {base_s} {ceil:10.0f}   "
-              f"{mine / r['naive']:9.0f}x  {ratio_s}  {mine / ceil:9.1%}")
-    for B, r in results.items():
-        print(f"baseline B={B}: {r['baseline_note']}")
-    print(f"ceiling: one fused [B x {step_weight_shape()[0]}] @ [{step_weight_shape()[0]} x {step_weight_shape()[1]}] "
-          f"matmul per step (the step's {step_weight_shape()[0] * step_weight_shape()[1] / 1e6:.2f} M multiply-adds)")
-    real_time = results[1]["ours"] / 16000
-    print(f"B=1 is {real_time:.2f}x real time at 16 kHz")
-
-    print(f"load average now {os.getloadavg()[0]:.1f} (other processes share these CPUs when > 0)")
-    print("\nwhere the time goes (one step, torch.profiler):")
+    print(f"samples/s over all streams, wall clock: median (min–max) of {args.repeats} alternating runs; "
+          f"CPU-time rates (medians) beside them")
+    print(f"{'':22} {'ours':>22} {'peer':>22} {'ours/peer':>20}  {'ours CPU':>9} {'peer CPU':>9}")
     for B in (1, 16):
-        print(profile_step(net, B))
+        for cond in (True, False):
+            r = results[B, cond]
+            label = f"B={B} {'cond. hop 8, C=64' if cond else 'unconditioned'}"
+            o = wall_rates(r["ours"])
+            if "peer" in r:
+                p = wall_rates(r["peer"])
+                print(f"{label:22} {spread(o):>22} {spread(p):>22} {ratio_spread(o, p):>20}  "
+                      f"{median(cpu_rates(r['ours'])):9,.0f} {median(cpu_rates(r['peer'])):9,.0f}")
+            else:
+                print(f"{label:22} {spread(o):>22} {'n/a':>22} {'n/a':>20}  {median(cpu_rates(r['ours'])):9,.0f}")
+    for B in (1, 16):
+        print(f"peer B={B}: {results[B, True]['peer_note']}")
+
+    print()
+    print(f"{'conditioned':>12} {'ours':>10} {'naive':>10} {'ceiling':>10}   ours/naive  of ceiling")
+    for B in (1, 16):
+        mine = median(wall_rates(results[B, True]["ours"]))
+        nv = results[B, "naive"].wall_rate
+        ceil = median(results[B, "ceiling"]) * B
+        print(f"{'B=' + str(B):>12} {mine:10,.0f} {nv:10.1f} {ceil:10,.0f}   {mine / nv:9.0f}x  {mine / ceil:9.1%}")
+    n, m = step_weight_shape()
+    print(f"naive: one run each (full forward over the receptive field per sample); ceiling: median of 3, one fused "
+          f"[B x {n}] @ [{n} x {m}] matmul per step (the step's {n * m / 1e6:.2f} M multiply-adds)")
+    real_time = median(wall_rates(results[1, True]["ours"])) / 16000
+    print(f"B=1 conditioned is {real_time:.2f}x real time at 16 kHz")
+
+    print("\nwhere the time goes (our conditioned step, torch.profiler):")
+    for B in (1, 16):
+        print(profile_step(nets[True], B))
     print("breakdown of one step:")
     for B in (1, 16):
-        real, py = python_share(net, B)
-        floor = 1e6 / results[B]["ceiling_steps"]
+        real, py = python_share(nets[True], B)
+        floor = 1e6 / median(results[B, "ceiling"])
         print(f"  B={B}: {real:.0f} µs/step = Python interpreter {py:.0f} µs ({py / real:.0%}, the same loop "
               f"calling no-ops) + PyTorch dispatch and kernels {real - py:.0f} µs ({(real - py) / real:.0%}); "
               f"the step's multiply-adds as one fused matmul take {floor:.0f} µs ({floor / real:.0%})")
+
+    if peers[True][0] is not None:
+        print("\nwhy the peer's conditioned figure is lower (its step, conditioned vs unconditioned):")
+        for line in peer_diagnosis(args.profile_steps, 3, {cond: results[1, cond]["peer"] for cond in (True, False)}):
+            print(line)
+        print(peer_note({cond: results[1, cond]["peer"] for cond in (True, False)}))
+    print()
+    print_end()
 
 
 if __name__ == "__main__":

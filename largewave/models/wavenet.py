@@ -173,10 +173,13 @@ class WaveNet(nn.Module):
             if cond is None:
                 raise ValueError("this WaveNet is conditioned: pass cond")
             cb = self.conditioning(cond, T)
+        # Per-layer gate biases as views from one split: the backward of a split is one cat, where
+        # slicing each layer's block would allocate (and zero) a full-size gradient per layer.
+        per_layer = [None] * self.layers if cb is None else cb.split(G, dim=1)
         skips = None
         ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i in range(self.layers):
-            c = None if cb is None else cb[:, i * G:(i + 1) * G]
+            c = per_layer[i]
             if ckpt:
                 x, s = checkpoint(self._layer, i, x, c, use_reentrant=False)
             else:
