@@ -75,6 +75,9 @@ def run_curve(name: str, overrides: list[str], args, core: int | None) -> dict:
     raw = yaml.safe_load(resolve_config_path(args.config).read_text())
     raw["stack"] = f"learn-{name}"
     raw["levels"] = {"level1": raw["levels"]["level1"]}
+    for key in ("gate", "temperatures"):  # the quality settings of the levels left out go too
+        if isinstance(raw.get("quality", {}).get(key), dict):
+            raw["quality"][key] = {k: v for k, v in raw["quality"][key].items() if k == "level1"}
     stack_yaml = args.out / f"learn-{name}.yaml"
     stack_yaml.write_text(yaml.safe_dump(raw, sort_keys=False))
     over = [f"run.root={args.out / 'runs'}", "run.wandb_mode=disabled",
