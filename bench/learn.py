@@ -185,7 +185,7 @@ def plot(records: list[dict], path: Path) -> None:
 
     W, H, M = 460, 300, 48
     colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
-    panels = [("bits_per_token", "step", "valid bits/token vs step"), ("bits_per_token", "minutes", "vs minutes"),
+    panels = [("bits_per_token", "step", "valid bits/token vs step "), ("bits_per_token", "minutes", "vs minutes"),
               ("recon_lsd_db", "step", "reconstruction LSD (dB) vs step"), ("recon_lsd_db", "minutes", "vs minutes")]
     img = Image.new("RGB", (2 * W, 2 * H + 30), "white")
     d = ImageDraw.Draw(img)
@@ -212,8 +212,8 @@ def plot(records: list[dict], path: Path) -> None:
             for q in s:
                 px, py = at(q)
                 d.ellipse([px - 2, py - 2, px + 2, py + 2], fill=c)
-        d.text((ox + M, oy + H - M + 14), f"{x0:g}", fill="black")
-        d.text((ox + W - 60, oy + H - M + 14), f"{x1:g} {x}", fill="black")
+        d.text((ox + M, oy + H - M + 14), f"{x0:.4g}", fill="black")
+        d.text((ox + W - 80, oy + H - M + 14), f"{x1:.4g} {x}", fill="black")
         d.text((ox + 2, oy + 24), f"{y1:.2f}", fill="black")
         d.text((ox + 2, oy + H - M), f"{y0:.2f}", fill="black")
     img.save(path)
