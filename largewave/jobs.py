@@ -133,10 +133,11 @@ class SampleJob:
     overrides: list[str] = field(default_factory=list)
     seconds: float = 4.0
     count: int = 1
+    seed: int = 0  # fixed: the chain's samples, and the quality gate that reads them, are reproducible
 
     def __call__(self):
         from largewave.config import load_config
         from largewave.sampling import sample_stack
 
         cfg = load_config(self.config, self.overrides)
-        return sample_stack(cfg, seconds=self.seconds, count=self.count)
+        return sample_stack(cfg, seconds=self.seconds, count=self.count, seed=self.seed)
