@@ -64,6 +64,24 @@ def alternate(cases: dict[str, Callable[[], Sample]], repeats: int) -> dict[str,
     return out
 
 
+def alternating_steps(cases: Sequence[tuple[str, Callable[[], object]]], warmup: int, steps: int,
+                      sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Run the cases in turn (A B A B …) for ``warmup + steps`` rounds; the wall seconds of each
+    case's ``steps`` timed calls (``sync`` before and after each call, e.g. a CUDA synchronise)."""
+    times: dict[str, list[float]] = {name: [] for name, _ in cases}
+    for i in range(warmup + steps):
+        for name, fn in cases:
+            if sync is not None:
+                sync()
+            t0 = time.perf_counter()
+            fn()
+            if sync is not None:
+                sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 

@@ -43,6 +43,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _common import cpu_description  # noqa: E402
 
 CURVES = {
     "demo": [],
@@ -51,17 +54,6 @@ CURVES = {
              "level1.encoder.channels=32"],
     "wavenet": ["level1.kind=wavenet", "level1.hop=1", "level1.decoder.cond_channels=0"],
 }
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    model = re.search(r"model name\s*:\s*(.*)", text)
-    flags = set(re.search(r"flags\s*:\s*(.*)", text).group(1).split()) if "flags" in text else set()
-    keep = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16") if f in flags]
-    return f"{model.group(1).strip() if model else 'unknown CPU'} [{' '.join(keep) or 'no avx512/amx'}]"
 
 
 def run_curve(name: str, overrides: list[str], args, core: int | None) -> dict:
@@ -251,7 +243,7 @@ def main(argv=None) -> int:
         print(f"error: no audio shards at {args.shards}; build them first ({shards_command(cfg)})", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"# CPU: {cpu_flags()}; load average {os.getloadavg()[0]:.2f}; {args.parallel} curve(s) at a time, "
+    print(f"# CPU: {cpu_description()}; load average {os.getloadavg()[0]:.2f}; {args.parallel} curve(s) at a time, "
           f"1 thread each, ≤ {args.minutes:g} min per curve", flush=True)
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     records: dict[str, dict] = {}

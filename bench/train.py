@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import median, print_end, print_machine, spread  # noqa: E402
+from _common import alternating_steps, median, print_end, print_machine, spread  # noqa: E402
 
 REFERENCE = [
     "level1.hop=8",
@@ -193,15 +193,7 @@ def worker(args) -> None:
 
     runs.append(("engine", engine_step))
     # the plain loop's steps alternate with the engine's (plain, engine, plain, …)
-    times: dict[str, list[float]] = {"plain": [], "engine": []}
-    for i in range(args.warmup + args.steps):
-        for name, fn in runs:
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+    times = {"plain": [], "engine": [], **alternating_steps(runs, args.warmup, args.steps, sync)}
     if times["plain"]:
         result["plain_step_s"] = times["plain"]
     # every rank waits for the slowest: each step's time is the max over ranks
@@ -294,16 +286,8 @@ def peer_worker(args) -> None:
                                    None if c is None else torch.repeat_interleave(c[:1], hop, dim=2))) / T,
             "ours_params": sum(p.numel() for p in ours.parameters()),
             "peer_params": sum(p.numel() for p in peer.parameters()),
-            "ours": [], "peer": [],
+            **alternating_steps((("ours", ours_step), ("peer", peer_step)), args.warmup, args.steps, sync),
         }
-        for i in range(args.warmup + args.steps):
-            for name, fn in (("ours", ours_step), ("peer", peer_step)):
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                if i >= args.warmup:
-                    row[name].append(time.perf_counter() - t0)
         result["rows"]["conditioned" if cond else "unconditioned"] = row
     print("RESULT " + json.dumps(result), flush=True)
 

@@ -46,7 +46,7 @@ def cluster(tmp_path_factory):
     try:
         c.start()
     except ClusterUnavailable as e:
-        pytest.skip(str(e))
+        pytest.skip(str(e))  # not allowlisted: under CI=true a failed install fails the run
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(c.conf)
     yield c

@@ -22,26 +22,11 @@ import torch
 from largewave.config import StackConfig
 
 
-def _to_audio(cfg: StackConfig, level: str, tokens: torch.Tensor, generator: torch.Generator,
-              device: torch.device) -> Optional[np.ndarray]:
-    """Tokens of ``level``'s input stream → waveform float32[B x N], cascading through exports."""
-    from largewave.audio import mulaw_decode
-    from largewave.engine.export import load_export
-    from largewave.engine.run_folder import run_dir
-
-    names = cfg.level_names()
-    for name in reversed(names[: names.index(level)]):
-        path = run_dir(cfg, name) / "export.pt"
-        if not path.exists():
-            return None
-        lower, _ = load_export(path, device=device)
-        tokens = lower.decode(tokens.to(device), generator=generator)
-    return np.asarray(mulaw_decode(tokens.cpu().numpy(), cfg.audio.mu), dtype=np.float32)
-
-
 def make_samples(cfg: StackConfig, level: str, model: torch.nn.Module, valid_root: Optional[str], *,
                  clips: int, seconds: float, seed: int, device: torch.device) -> list[dict[str, Any]]:
     """A list of ``{"name", "wave": float32[N], "caption"}`` items (possibly empty)."""
+    from largewave.engine.evaluate import tokens_to_audio as _to_audio  # the one decode cascade
+
     lv = cfg.level(level)
     rate = cfg.input_rate(level)
     n_tokens = max(lv.hop, int(round(seconds * rate)) // lv.hop * lv.hop)
