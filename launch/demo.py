@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from largewave.config import ConfigError, load_config  # noqa: E402
 
 SAMPLE_SECONDS = 4.0
-SMOKE_LEVEL1 = ["level1.train.steps=300", "level1.train.eval_every=300", "level1.train.save_every=100",
+SMOKE_LEVEL1 = ["level1.train.steps=300", "level1.train.eval_every=300", "level1.train.sample_every=300",
+                "level1.train.save_every=100",
                 "level1.optim.warmup_steps=20"]
 # What --smoke changes: its own stack name (own data/ and runs/ folders), a minute of piano and a
 # few steps for the levels above level 1, and a smoke-scale quality gate (see SMOKE_LEVEL1 below).
