@@ -20,8 +20,9 @@ Curves:
 * ``wavenet``: an unconditioned WaveNet with the demo decoder, trained the same way: its valid
   bits/token minus the ADA's is the information its codes carry.
 
-After the curves, each ADA curve's export reconstructs the clips at several temperatures
-(``--temperatures``), which is how the default reconstruction temperature was chosen.
+After the curves, each ADA curve's export reconstructs the clips at every pair of several
+temperatures (``--temperatures``) and nucleus cut-offs (``--top-p``), which is how the default
+reconstruction settings (``quality.temperatures``, ``quality.top_p``) were chosen.
 
 Prints a table per curve and writes ``<out>/learn.png`` (bits/token and LSD against steps and
 against minutes) and ``<out>/learn.json``. Runs go to ``<out>/runs`` (default ``runs/bench-learn``);
@@ -118,8 +119,8 @@ def run_curve(name: str, overrides: list[str], args, core: int | None) -> dict:
             "points": points}
 
 
-def temperature_sweep(record: dict, temperatures: list[float], args) -> list[dict]:
-    """Reconstruction figures of a curve's final export at several temperatures."""
+def sampling_sweep(record: dict, temperatures: list[float], nuclei: list[float], args) -> list[dict]:
+    """Reconstruction figures of a curve's final export at every (temperature, top-p) pair."""
     import torch
 
     from largewave.engine import evaluate
@@ -146,8 +147,9 @@ def temperature_sweep(record: dict, temperatures: list[float], args) -> list[dic
     probe = evaluate.QualityProbe(cfg, "level1", args.clips, args.clip_seconds)
     out = []
     for t in temperatures:
-        figs, _ = probe.run(model, torch.device("cpu"), t, seed=0)
-        out.append({"temperature": t, **figs})
+        for p in nuclei:
+            figs, _ = probe.run(model, torch.device("cpu"), t, seed=0, top_p=p)
+            out.append({"temperature": t, "top_p": p, **figs})
     return out
 
 
@@ -165,7 +167,7 @@ def table(record: dict) -> str:
                      f"{f('noise_lsd_db', '7.1f')}/{f('noise_pitch_class_agreement', '.3f')}")
     for s in record.get("sweep", []):
         if "recon_lsd_db" in s:
-            lines.append(f"  export at temperature {s['temperature']:.2f}: LSD {s['recon_lsd_db']:.1f} dB, flatness excess "
+            lines.append(f"  export at temperature {s['temperature']:.2f}, top-p {s.get('top_p', 1.0):.2f}: LSD {s['recon_lsd_db']:.1f} dB, flatness excess "
                          f"{s['recon_flatness_excess_db']:+.1f} dB, pitch-class {s['recon_pitch_class_agreement']:.3f}, "
                          f"{s['output_dbfs']:.1f} dBFS")
     return "\n".join(lines)
@@ -223,6 +225,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clip-seconds", type=float, default=1.0)
     ap.add_argument("--temperatures", default="0.8,0.9,0.95,1.0",
                     help="reconstruction temperatures tried on each export at the end (comma list; '' = none)")
+    ap.add_argument("--top-p", default="1.0,0.95,0.9,0.8",
+                    help="nucleus cut-offs tried with each temperature (comma list; default 1.0,0.95,0.9,0.8)")
     ap.add_argument("--parallel", type=int, default=min(2, os.cpu_count() or 1),
                     help="curves trained at once, each on its own core (default: 2 where there are 2 cores)")
     ap.add_argument("--shards", default=None, help="audio shards (default: the config's data.shards)")
@@ -259,9 +263,10 @@ def main(argv=None) -> int:
         for th in threads:
             th.join()
     temps = [float(t) for t in args.temperatures.split(",") if t.strip()]
+    nuclei = [float(p) for p in args.top_p.split(",") if p.strip()] or [1.0]
     for name in args.curves:
         if temps and name != "wavenet":
-            records[name]["sweep"] = temperature_sweep(records[name], temps, args)
+            records[name]["sweep"] = sampling_sweep(records[name], temps, nuclei, args)
     ordered = [records[n] for n in args.curves]
     print(f"\n# load average at the end {os.getloadavg()[0]:.2f}")
     for r in ordered:

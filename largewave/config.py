@@ -296,6 +296,7 @@ class TrainConfig:
     eval_clips: int = bookkeeping(4)
     eval_clip_seconds: float = bookkeeping(1.0)
     eval_temperature: float = bookkeeping(1.0)
+    eval_top_p: Optional[float] = bookkeeping(None)  # nucleus cut-off (None: the stack's quality.top_p)
 
     def __post_init__(self):
         _require(self.steps >= 0, "steps", f"{self.steps} must be >= 0 (0: export the initialised model, "
@@ -312,6 +313,8 @@ class TrainConfig:
         _require(self.eval_clip_seconds > 0, "eval_clip_seconds", f"{self.eval_clip_seconds} must be > 0")
         _require(self.eval_temperature >= 0 and math.isfinite(self.eval_temperature), "eval_temperature",
                  f"{self.eval_temperature} must be >= 0 (0: greedy)")
+        if self.eval_top_p is not None:
+            _require(0 < self.eval_top_p <= 1, "eval_top_p", f"{self.eval_top_p} must be in (0, 1]")
 
 
 @dataclass
@@ -376,6 +379,9 @@ class QualityConfig:
     clip_seconds: float = 2.0
     # sampling temperature of each level's decoder for reconstructions and generations (default 1.0)
     temperatures: dict[str, float] = field(default_factory=dict)
+    # nucleus cut-off of each level's decoder: sample among the most likely tokens holding this
+    # much probability (default 1.0: the whole distribution); see WaveNet.generate
+    top_p: dict[str, float] = field(default_factory=dict)
     gate: dict[str, LevelGate] = field(default_factory=dict)  # level name → its floors
 
     def __post_init__(self):
@@ -383,9 +389,15 @@ class QualityConfig:
         _require(self.clip_seconds > 0, "clip_seconds", f"{self.clip_seconds} must be > 0")
         for k, v in self.temperatures.items():
             _require(v >= 0, f"temperatures.{k}", f"{v} must be >= 0 (0: greedy)")
+        for k, v in self.top_p.items():
+            _require(0 < v <= 1, f"top_p.{k}", f"{v} must be in (0, 1] (1: the whole distribution)")
 
     def temperature(self, level: str) -> float:
         return float(self.temperatures.get(level, 1.0))
+
+    def nucleus(self, level: str) -> float:
+        """The level's nucleus cut-off (``top_p``; 1.0 where the config names none)."""
+        return float(self.top_p.get(level, 1.0))
 
 
 @dataclass
@@ -427,9 +439,10 @@ class StackConfig:
                          f"{names[i - 1]} (kind {below.kind}) makes no discrete codes to stack on")
             lv = self.levels[name]
             _require(lv.kind != "prior" or i >= 1, f"levels.{name}.kind", "a prior must sit on a level with codes")
-        for key in (*self.quality.gate, *self.quality.temperatures):
-            _require(key in self.levels, f"quality.{'gate' if key in self.quality.gate else 'temperatures'}.{key}",
-                     f"no level {key!r} in this stack ({', '.join(names)})")
+        for section in ("gate", "temperatures", "top_p"):
+            for key in getattr(self.quality, section):
+                _require(key in self.levels, f"quality.{section}.{key}",
+                         f"no level {key!r} in this stack ({', '.join(names)})")
 
     # ---- derived quantities --------------------------------------------------------------
 

@@ -103,6 +103,33 @@ def read_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
                    master_port=_free_port(), launcher="single")
 
 
+def local_world_size(environ: Optional[Mapping[str, str]] = None) -> int:
+    """Ranks of this job on this node: torchrun's ``LOCAL_WORLD_SIZE``, Slurm's
+    ``SLURM_NTASKS_PER_NODE`` or ``SLURM_TASKS_PER_NODE`` (``"2(x3)"``: its first count), or
+    submitit's local executor (``SUBMITIT_LOCAL_NTASKS`` over its nodes); 1 when none is set."""
+    e = os.environ if environ is None else environ
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        m = re.match(r"\s*(\d+)", e.get(key, ""))
+        if m:
+            return max(1, int(m.group(1)))
+    if e.get("SUBMITIT_LOCAL_NTASKS", "").isdigit():
+        nodes = int(e.get("SUBMITIT_LOCAL_JOB_NUM_NODES", "1") or 1)
+        return max(1, int(e["SUBMITIT_LOCAL_NTASKS"]) // max(1, nodes))
+    return 1
+
+
+def cpu_threads_per_rank(environ: Optional[Mapping[str, str]] = None) -> int:
+    """Torch threads for one CPU rank: ``SLURM_CPUS_PER_TASK`` when Slurm gave each task its own
+    CPUs, else the CPUs this process may run on shared by the node's ranks, so that ranks never
+    oversubscribe the cores (two ranks with two threads each on two cores run many times slower
+    than with one each)."""
+    e = os.environ if environ is None else environ
+    if e.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(e["SLURM_CPUS_PER_TASK"]))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // local_world_size(e))
+
+
 def first_host(nodelist: str) -> str:
     """First host name of a Slurm node list such as ``gpu[003-005,010],cpu01``."""
     if shutil.which("scontrol"):

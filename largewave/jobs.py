@@ -41,6 +41,7 @@ def _export_dist_env_from_submitit() -> None:
 
     env = submitit.JobEnvironment()
     os.environ.update(RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
+                      LOCAL_WORLD_SIZE=str(max(1, env.num_tasks // max(1, env.num_nodes))),
                       MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(20000 + int(env.job_id) % 20000 if str(env.job_id).isdigit() else 29500))
 

@@ -62,7 +62,7 @@ class Report:
             lines.append(f"  {name:<7} " + ", ".join(parts))
             if "recon_lsd_db" in m:
                 lines.append(f"          reconstruction of {int(m['clips'])} valid clips × {m['clip_seconds']:g} s "
-                             f"(temperature {m['temperature']:g}):   ours | chance | noise")
+                             f"(temperature {m['temperature']:g}, top-p {m.get('top_p', 1.0):g}):   ours | chance | noise")
                 for key, label, fmt in FIGURES:
                     lines.append(f"            {label:<22} {fmt.format(m['recon_' + key]):>9} | "
                                  f"{fmt.format(m.get('chance_' + key, float('nan'))):>9} | "
@@ -191,11 +191,12 @@ def reconstruction_figures(cfg: StackConfig, level: str, seed: int = 0) -> dict[
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # sample by sample: one thread is fastest (see sampling.Stack)
     try:
-        figs, _ = probe.run(model, torch.device("cpu"), q.temperature(level), seed=seed)
+        figs, _ = probe.run(model, torch.device("cpu"), q.temperature(level), seed=seed, top_p=q.nucleus(level))
     finally:
         torch.set_num_threads(before)
     if figs:
-        figs.update(clips=len(probe.clips), clip_seconds=q.clip_seconds, temperature=q.temperature(level))
+        figs.update(clips=len(probe.clips), clip_seconds=q.clip_seconds, temperature=q.temperature(level),
+                    top_p=q.nucleus(level))
     return figs
 
 

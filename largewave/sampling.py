@@ -111,6 +111,7 @@ class SampleSummary:
     rtf: dict[str, float]  # level_s / seconds of audio made (count × seconds); < 1 is faster than real time
     prior_receptive_field_s: Optional[float] = None
     wandb: bool = False
+    top_p: dict[str, float] = field(default_factory=dict)  # nucleus cut-off per level (1 = none)
 
     def __str__(self) -> str:
         audio = self.count * self.seconds
@@ -119,9 +120,10 @@ class SampleSummary:
         if self.prior_receptive_field_s is not None:
             lines.append(f"  prior receptive field: {self.prior_receptive_field_s:.3f} s of audio")
         for name, sec in self.level_s.items():
-            t = self.temperatures.get(name)
+            t, p = self.temperatures.get(name), self.top_p.get(name, 1.0)
             lines.append(f"  {name:>16}: {sec:8.2f} s   real-time factor {self.rtf[name]:8.3f}"
-                         + (f"   temperature {t:g}" if t is not None else ""))
+                         + (f"   temperature {t:g}" if t is not None else "")
+                         + (f"   top-p {p:g}" if p < 1 else ""))
         lines += [f"  {p}" for p in self.paths]
         if self.wandb:
             lines.append("  (also logged to the active W&B run)")
@@ -339,8 +341,9 @@ class Stack:
 
     # -- decoding -----------------------------------------------------------------------------
 
-    def _cascade(self, level: str, tokens: torch.Tensor, temps: dict[str, float], generator: torch.Generator,
-                 timings: dict[str, float], prompts: Optional[dict[str, torch.Tensor]] = None,
+    def _cascade(self, level: str, tokens: torch.Tensor, temps: dict[str, float], nuclei: dict[str, float],
+                 generator: torch.Generator, timings: dict[str, float],
+                 prompts: Optional[dict[str, torch.Tensor]] = None,
                  keep: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """Decode the codes of ADA level ``level`` (LongTensor[B x T]) down to mu-law tokens
         LongTensor[B x T·hop_level·…·hop_1], through every decoder below."""
@@ -351,7 +354,7 @@ class Stack:
             t0 = time.perf_counter()
             with _threads(self.threads, self.device):
                 tokens = self.models[name].decode(tokens.to(self.device), temperature=temps[name], prompt=prompt,
-                                                  generator=generator)
+                                                  generator=generator, top_p=nuclei[name])
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
@@ -378,6 +381,24 @@ class Stack:
             raise StackError(f"temperatures must be finite and >= 0: {bad}")
         return out
 
+    def nuclei(self, top_p: Temperatures = None) -> dict[str, float]:
+        """Per-level nucleus cut-offs (``top_p``), given like :meth:`temperatures`: one number, a
+        partial mapping (the rest from the config's ``quality.top_p``) or None; 1 = no cut-off."""
+        names = self.cfg.level_names()
+        if isinstance(top_p, (int, float)):
+            out = {n: float(top_p) for n in names}
+        else:
+            out = {n: self.cfg.quality.nucleus(n) for n in names}
+            for k, v in (top_p or {}).items():
+                key = _level_key(k)
+                if key not in out:
+                    raise StackError(f"top_p for {k!r}: stack {self.cfg.stack} has {', '.join(names)}")
+                out[key] = float(v)
+        bad = {k: v for k, v in out.items() if not 0 < v <= 1}
+        if bad:
+            raise StackError(f"top_p must be in (0, 1]: {bad}")
+        return out
+
     def _generator(self, seed: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
         g.manual_seed(int(seed))
@@ -385,17 +406,19 @@ class Stack:
 
     @torch.no_grad()
     def sample(self, seconds: float, count: int = 1, temperatures: Temperatures = None, seed: int = 0,
-               prompt: Optional[np.ndarray | torch.Tensor] = None) -> Generation:
+               prompt: Optional[np.ndarray | torch.Tensor] = None, top_p: Temperatures = None) -> Generation:
         """Sample ``count`` waveforms of exactly ``round(seconds · sample_rate)`` samples.
 
         Args:
             seconds: length of every output (the prompt included, when given).
             count: waveforms sampled together (one batch).
-            temperatures: one number for every level, or ``{level: T}`` (others 1.0); 0 = greedy.
+            temperatures: one number for every level, or ``{level: T}`` (others from the config's
+                ``quality.temperatures``, else 1.0); 0 = greedy.
             seed: seeds the one generator the whole cascade draws from.
             prompt: float[P] waveform to continue: it is encoded through the levels (its first
                 ``P // hop · hop`` samples, whole top-level frames), the prior continues its top
                 codes and every decoder is primed with its tokens.
+            top_p: nucleus cut-offs, given like ``temperatures`` (default: ``quality.top_p``, else 1).
         Returns:
             :class:`Generation` (``waves``: float32[count x N]).
         """
@@ -406,7 +429,7 @@ class Stack:
         n = int(round(seconds * self.sample_rate))
         if n < 1 or count < 1:
             raise StackError(f"nothing to sample: seconds={seconds}, count={count}")
-        temps = self.temperatures(temperatures)
+        temps, nuclei = self.temperatures(temperatures), self.nuclei(top_p)
         hop = self.hop
         n_top = -(-n // hop)
         prompts: Optional[dict[str, torch.Tensor]] = None
@@ -429,13 +452,14 @@ class Stack:
         t0 = time.perf_counter()
         with _threads(self.threads, self.device):
             tokens = self.models[self.top].generate(n_top, batch=count, temperature=temps[self.top], generator=g,
-                                                    prompt=None if prompts is None else prompts[top_in])
+                                                    prompt=None if prompts is None else prompts[top_in],
+                                                    top_p=nuclei[self.top])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         timings[self.top] = time.perf_counter() - t0
         kept[self.top] = tokens.cpu()
         if self.ada_levels:
-            tokens = self._cascade(self.ada_levels[-1], tokens, temps, g, timings, prompts, kept)
+            tokens = self._cascade(self.ada_levels[-1], tokens, temps, nuclei, g, timings, prompts, kept)
         waves = mulaw_decode(tokens[:, :n].cpu().numpy(), self.mu)
         return Generation(waves=np.ascontiguousarray(waves, dtype=np.float32), sample_rate=self.sample_rate,
                           timings=timings, tokens=kept, prompt_samples=p_samples)
@@ -452,7 +476,8 @@ class Stack:
 
     @torch.no_grad()
     def reconstruct(self, wave: np.ndarray | torch.Tensor, temperatures: Temperatures = None,
-                    seed: int = 0, levels: Optional[Sequence[str]] = None) -> Reconstruction:
+                    seed: int = 0, levels: Optional[Sequence[str]] = None, top_p: Temperatures = None
+                    ) -> Reconstruction:
         """Encode ``wave`` (float[N]) through the levels, then decode it back from each level's codes.
 
         The input is padded with silence to whole frames of the highest level used and every
@@ -473,7 +498,7 @@ class Stack:
                 self._need(self.ada_levels[:1])  # raises: the bottom level has no export
         used = self.ada_levels[: max(self.ada_levels.index(n) for n in wanted) + 1]
         self._need(used)
-        temps = self.temperatures(temperatures)
+        temps, nuclei = self.temperatures(temperatures), self.nuclei(top_p)
         tokens, n = self._tokens(wave, pad_to=math.prod(self.cfg.level(x).hop for x in used))
         enc = self._encode_tokens(tokens, used)
         g = self._generator(seed)
@@ -491,7 +516,7 @@ class Stack:
             t0 = time.perf_counter()
             with _threads(self.threads, self.device):
                 out = self.models[name].decode(torch.cat([streams[k] for k in keys]), temperature=temps[name],
-                                               generator=g)
+                                               generator=g, top_p=nuclei[name])
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             timings[name] = time.perf_counter() - t0
@@ -596,15 +621,15 @@ def _default_seed(seed: Optional[int]) -> int:
 
 
 def _summarise(mode: str, cfg: StackConfig, s: Stack, out: Path, items: list[tuple[str, np.ndarray]],
-               seconds: float, count: int, seed: int, temps: dict[str, float], level_s: dict[str, float],
-               audio_seconds: float, log) -> SampleSummary:
+               seconds: float, count: int, seed: int, temps: dict[str, float], nuclei: dict[str, float],
+               level_s: dict[str, float], audio_seconds: float, log) -> SampleSummary:
     paths = [str(write_wav(out / f"{name}.wav", w, s.sample_rate)) for name, w in items]
     logged = _wandb_log(items, s.sample_rate)
     summary = SampleSummary(
         mode=mode, stack=cfg.stack, out_dir=str(out), paths=paths, seconds=seconds, count=count, seed=seed,
         temperatures=temps, wall_s=sum(level_s.values()), level_s=level_s,
         rtf={k: v / max(audio_seconds, 1e-9) for k, v in level_s.items()},
-        prior_receptive_field_s=s.receptive_field_seconds() if s.top else None, wandb=logged)
+        prior_receptive_field_s=s.receptive_field_seconds() if s.top else None, wandb=logged, top_p=nuclei)
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=1) + "\n")
     if log is not None:
         log(str(summary))
@@ -621,57 +646,60 @@ def _load(cfg: StackConfig, device, stack: Optional[Stack], log) -> Stack:
 
 def sample_stack(cfg: StackConfig, seconds: float = 4.0, count: int = 1, *, temperatures: Temperatures = None,
                  seed: Optional[int] = None, out_dir: Optional[str | os.PathLike] = None,
-                 device: Optional[str] = None, stack: Optional[Stack] = None, log=print) -> SampleSummary:
+                 device: Optional[str] = None, stack: Optional[Stack] = None, log=print,
+                 top_p: Temperatures = None) -> SampleSummary:
     """Sample ``count`` clips of ``seconds`` from the trained stack and write ``sample-NNN.wav``
     (16 kHz mono PCM16, exactly ``round(seconds · rate)`` samples) and ``summary.json`` to
     ``out_dir`` (default :func:`samples_dir`). Prints the receptive fields and a summary
     (time per level and real-time factors) unless ``log`` is None."""
     s = _load(cfg, device, stack, log)
     seed = _default_seed(seed)
-    gen = s.sample(seconds, count, temperatures, seed)
+    gen = s.sample(seconds, count, temperatures, seed, top_p=top_p)
     out = Path(out_dir) if out_dir is not None else samples_dir(cfg, seed)
     items = [(f"sample-{i:03d}", w) for i, w in enumerate(gen.waves)]
     return _summarise("sample", cfg, s, out, items, seconds, count, seed, s.temperatures(temperatures),
-                      gen.timings, seconds * count, log)
+                      s.nuclei(top_p), gen.timings, seconds * count, log)
 
 
 def continue_stack(cfg: StackConfig, prompt: str | os.PathLike, seconds: float = 8.0, count: int = 1, *,
                    prompt_seconds: Optional[float] = None, temperatures: Temperatures = None,
                    seed: Optional[int] = None, out_dir: Optional[str | os.PathLike] = None,
-                   device: Optional[str] = None, stack: Optional[Stack] = None, log=print) -> SampleSummary:
+                   device: Optional[str] = None, stack: Optional[Stack] = None, log=print,
+                   top_p: Temperatures = None) -> SampleSummary:
     """Continue a recording (file or audio-shard key; its first ``prompt_seconds``, default all):
     ``count`` clips of ``seconds`` in total, the prompt first. Writes ``prompt.wav`` and
     ``continuation-NNN.wav``."""
     s = _load(cfg, device, stack, log)
     seed = _default_seed(seed)
     wave, _ = load_input(cfg, prompt, prompt_seconds)
-    gen = s.sample(seconds, count, temperatures, seed, prompt=wave)
+    gen = s.sample(seconds, count, temperatures, seed, prompt=wave, top_p=top_p)
     out = Path(out_dir) if out_dir is not None else samples_dir(cfg, seed)
     items = [("prompt", wave[: gen.prompt_samples])] + [(f"continuation-{i:03d}", w) for i, w in enumerate(gen.waves)]
     return _summarise("continue", cfg, s, out, items, seconds, count, seed, s.temperatures(temperatures),
-                      gen.timings, seconds * count, log)
+                      s.nuclei(top_p), gen.timings, seconds * count, log)
 
 
 def reconstruct_stack(cfg: StackConfig, source: str | os.PathLike, seconds: Optional[float] = 4.0,
                       start: float = 0.0, *, temperatures: Temperatures = None, seed: Optional[int] = None,
                       out_dir: Optional[str | os.PathLike] = None, device: Optional[str] = None,
-                      stack: Optional[Stack] = None, log=print) -> SampleSummary:
+                      stack: Optional[Stack] = None, log=print, top_p: Temperatures = None) -> SampleSummary:
     """Encode a recording (file or audio-shard key; ``seconds`` from ``start``, None = all)
     through the levels and decode it back from each: writes ``original.wav`` (mu-law quantised,
     what the stack sees) and ``from-level1.wav``, ``from-level2.wav``, …"""
     s = _load(cfg, device, stack, log)
     seed = _default_seed(seed)
     wave, _ = load_input(cfg, source, seconds, start)
-    rec = s.reconstruct(wave, temperatures, seed)
+    rec = s.reconstruct(wave, temperatures, seed, top_p=top_p)
     out = Path(out_dir) if out_dir is not None else samples_dir(cfg, seed)
     items = [("original", rec.original)] + [(f"from-{name}", w) for name, w in rec.waves.items()]
     n = len(wave) / s.sample_rate
-    return _summarise("reconstruct", cfg, s, out, items, n, 1, seed, s.temperatures(temperatures), rec.timings, n,
-                      log)
+    return _summarise("reconstruct", cfg, s, out, items, n, 1, seed, s.temperatures(temperatures), s.nuclei(top_p),
+                      rec.timings, n, log)
 
 
-def parse_temperatures(specs: Sequence[str]) -> Temperatures:
-    """Command-line temperatures: ``["0.9"]`` (every level) or ``["prior=0.9", "level1=1.0,level2=0.95"]``."""
+def parse_temperatures(specs: Sequence[str], what: str = "temperature") -> Temperatures:
+    """Command-line temperatures (or, with ``what="top-p"``, nucleus cut-offs): ``["0.9"]``
+    (every level) or ``["prior=0.9", "level1=1.0,level2=0.95"]``."""
     if not specs:
         return None
     out: dict[str, float] = {}
@@ -688,9 +716,9 @@ def parse_temperatures(specs: Sequence[str]) -> Temperatures:
                 else:
                     everything = float(part)
             except ValueError:
-                raise ConfigError(f"temperature {part!r}: expected a number or level=number") from None
+                raise ConfigError(f"{what} {part!r}: expected a number or level=number") from None
     if everything is not None and not out:
         return everything
     if everything is not None:
-        raise ConfigError("give one temperature for every level, or level=value pairs, not both")
+        raise ConfigError(f"give one {what} for every level, or level=value pairs, not both")
     return out

@@ -5,6 +5,8 @@
                                        # level 2 → codes → prior → samples + a reconstruction
     python launch/demo.py --smoke      # a minute of piano, 300 level-1 steps and a few for the levels
                                        # above: checks that it all runs and passes a smoke-scale gate
+    python launch/demo.py --long       # the same corpus, a wider level 1 trained longer (about an
+                                       # hour on 2 cores), gated on the full quality targets
     python launch/demo.py data.demo_minutes=5 level1.train.steps=200   # any config override
 
 The stack runs through ``launch/slurm.py --level all`` (submitit's local executor when no Slurm
@@ -32,6 +34,10 @@ sys.path.insert(0, str(ROOT))
 from largewave.config import ConfigError, load_config  # noqa: E402
 
 SAMPLE_SECONDS = 4.0
+# Every level trains on this many local ranks (one thread each), on any machine: the recipe is
+# fixed in steps and in global batch (ranks × micro_batch), so a machine with fewer cores takes
+# longer but trains the same model.
+RANKS = 2
 SMOKE_LEVEL1 = ["level1.train.steps=300", "level1.train.eval_every=300", "level1.train.sample_every=300",
                 "level1.train.save_every=100",
                 "level1.optim.warmup_steps=20"]
@@ -55,10 +61,11 @@ SMOKE_OVERRIDES = [
 ]
 
 
-def run_stack(config: str, overrides: list[str], cluster: str, seconds: float) -> tuple[int, list[tuple[str, float]]]:
+def run_stack(config: str, overrides: list[str], cluster: str, seconds: float, ranks: int = RANKS
+              ) -> tuple[int, list[tuple[str, float]]]:
     """``launch/slurm.py --level all`` with its output streamed; returns (status, [(stage, seconds)])."""
     cmd = [sys.executable, "launch/slurm.py", "--stack", config, "--level", "all", "--cluster", cluster, "--wait",
-           "--sample-seconds", f"{seconds:g}", *overrides]
+           "--tasks-per-node", str(ranks), "--sample-seconds", f"{seconds:g}", *overrides]
     print(f"=== {shlex.join(['python', *cmd[1:]])}", flush=True)
     timings = []
     t0 = time.time()

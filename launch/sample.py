@@ -51,6 +51,10 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", action="append", default=[], metavar="T | LEVEL=T[,LEVEL=T]",
                     help="sampling temperature for every level, or per level (repeatable; 0 = greedy; default: the "
                          "config's quality.temperatures, 1.0 where it names none)")
+    ap.add_argument("--top-p", action="append", default=[], metavar="P | LEVEL=P[,LEVEL=P]",
+                    help="nucleus cut-off for every level, or per level (repeatable): sample only among the most "
+                         "likely tokens holding this much probability; 1 = no cut-off (default: the config's "
+                         "quality.top_p, 1 where it names none)")
     ap.add_argument("--out", help="output folder (default: runs/<stack>/samples/<time>-seed<seed>)")
     ap.add_argument("--device", help="cuda, cpu, … (default: cuda when present)")
     ap.add_argument("--threads", type=int, default=1,
@@ -64,13 +68,14 @@ def main(argv=None) -> int:
 
     try:
         temps = parse_temperatures(args.temperature)
+        nuclei = parse_temperatures(args.top_p, "top-p")
         if args.runs:
             stack = Stack.load(args.runs, device=args.device, threads=args.threads or None, verbose=True)
             cfg = stack.cfg
         else:
             cfg = load_config(args.config, args.overrides)
             stack = Stack.load(cfg, device=args.device, threads=args.threads or None)
-        common = dict(temperatures=temps, seed=args.seed, out_dir=args.out, stack=stack)
+        common = dict(temperatures=temps, top_p=nuclei, seed=args.seed, out_dir=args.out, stack=stack)
         if args.reconstruct:
             seconds = 4.0 if args.seconds is None else (args.seconds or None)
             reconstruct_stack(cfg, args.reconstruct, seconds, args.start, **common)

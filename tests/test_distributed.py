@@ -42,3 +42,22 @@ def test_node_list_parsing():
     assert first_host("a[1-3]") == "a1"
     assert first_host("rack2-n[08,11-12]-ib,rack3-n01") == "rack2-n08-ib"
     assert first_host("x,y") == "x"
+
+
+def test_ranks_on_a_node_share_its_cores():
+    """Each CPU rank gets the node's CPUs divided by the ranks on the node, whoever started it:
+    two ranks with two threads each on two cores run many times slower than with one each."""
+    import os
+
+    from largewave.distributed import cpu_threads_per_rank, local_world_size
+
+    cpus = len(os.sched_getaffinity(0))
+    assert local_world_size({}) == 1
+    assert local_world_size({"LOCAL_WORLD_SIZE": "4"}) == 4
+    assert local_world_size({"SLURM_NTASKS_PER_NODE": "2"}) == 2
+    assert local_world_size({"SLURM_TASKS_PER_NODE": "3(x2),1"}) == 3
+    # submitit's local executor sets none of the above
+    assert local_world_size({"SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_JOB_NUM_NODES": "1"}) == 2
+    assert cpu_threads_per_rank({"SUBMITIT_LOCAL_NTASKS": str(cpus)}) == 1
+    assert cpu_threads_per_rank({}) == cpus
+    assert cpu_threads_per_rank({"SLURM_CPUS_PER_TASK": "3", "SLURM_NTASKS_PER_NODE": "8"}) == 3

@@ -143,6 +143,33 @@ def test_sampling_is_reproducible_and_follows_the_distribution():
     assert (freq - p).abs().max() < 0.04
 
 
+@pytest.mark.timeout(60)
+def test_nucleus_sampling_keeps_the_top_mass_and_renormalises():
+    """top_p: the first token (no context) is drawn only from the smallest set of most likely
+    tokens holding top_p of the probability, in proportion to their probabilities; top_p = 1 is
+    plain sampling, draw for draw; a tiny top_p is greedy."""
+    net = make(dilations=(1, 2))
+    with torch.no_grad():
+        p = torch.softmax(net(torch.zeros(1, 1, dtype=torch.long))[0, :, 0], 0)
+    order = p.argsort(descending=True)
+    top_p = float(p[order[:3]].sum()) - 1e-4  # the third token is needed to reach it, the fourth not
+    n = 6000
+    first = net.generate(1, batch=n, temperature=1.0, generator=torch.Generator().manual_seed(0), top_p=top_p)[:, 0]
+    freq = torch.bincount(first, minlength=V).float() / n
+    inside = torch.zeros(V, dtype=torch.bool)
+    inside[order[:3]] = True
+    assert freq[~inside].sum() == 0
+    expected = torch.where(inside, p, torch.zeros_like(p)) / p[inside].sum()
+    assert (freq - expected).abs().max() < 0.03
+
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(net.generate(50, batch=3, generator=g1, top_p=1.0), net.generate(50, batch=3, generator=g2))
+    greedy = net.generate(50, batch=3, temperature=0.0)
+    assert torch.equal(net.generate(50, batch=3, generator=torch.Generator().manual_seed(1), top_p=1e-6), greedy)
+    with pytest.raises(ValueError, match="top_p"):
+        net.generate(5, top_p=0.0)
+
+
 # ---- the equivalence rule at reference scale -------------------------------------------------------
 # Every generation path (present and future) must satisfy, on the reference decoder with default
 # initialisation: teacher-forced incremental logits within 1e-5 · max(1, max|logits|) of the full

@@ -1,8 +1,9 @@
 """Audio quality of a level during training, with the figures of :mod:`largewave.quality`.
 
 * An ADA level reconstructs a fixed set of validation clips from their true codes: encode →
-  decode by sampling through its own decoder (temperature ``train.eval_temperature``), then down
-  to audio through the exports of the levels below (above level 1). The reconstruction is scored
+  decode by sampling through its own decoder (temperature ``train.eval_temperature``, nucleus
+  cut-off ``train.eval_top_p``), then down to audio through the exports of the levels below
+  (above level 1), each at its ``quality.temperatures`` / ``quality.top_p``. The reconstruction is scored
   against the original audio of the same clip, and so are the two baselines: another clip of the
   split ("chance") and equal-RMS noise ("noise").
 * A prior (or plain WaveNet) generates as many clips, decoded to audio the same way, and reports
@@ -73,9 +74,10 @@ def fixed_clips(cfg: StackConfig, level: str, count: int, seconds: float) -> lis
 
 
 def tokens_to_audio(cfg: StackConfig, level: str, tokens: torch.Tensor, generator: torch.Generator,
-                    device: torch.device, temperature: float = 1.0) -> Optional[np.ndarray]:
+                    device: torch.device) -> Optional[np.ndarray]:
     """Tokens of ``level``'s input stream → float32[B x N] audio, decoded through the exports of
-    the levels below (None when one of them has no export yet)."""
+    the levels below (None when one of them has no export yet), each sampled at its own
+    ``quality.temperatures`` and ``quality.top_p``."""
     from largewave import stack
     from largewave.engine.export import load_export
 
@@ -86,7 +88,8 @@ def tokens_to_audio(cfg: StackConfig, level: str, tokens: torch.Tensor, generato
             return None
         lower, _ = load_export(path, device=device)
         lower.eval()
-        tokens = lower.decode(tokens.to(device), temperature=temperature, generator=generator)
+        tokens = lower.decode(tokens.to(device), temperature=cfg.quality.temperature(name), generator=generator,
+                              top_p=cfg.quality.nucleus(name))
     return np.asarray(mulaw_decode(tokens.cpu().numpy(), cfg.audio.mu), dtype=np.float32)
 
 
@@ -124,22 +127,22 @@ class QualityProbe:
         return self._baselines
 
     @torch.no_grad()
-    def run(self, model: torch.nn.Module, device: torch.device, temperature: float, seed: int
-            ) -> tuple[dict[str, float], list[tuple[str, np.ndarray, np.ndarray]]]:
+    def run(self, model: torch.nn.Module, device: torch.device, temperature: float, seed: int,
+            top_p: float = 1.0) -> tuple[dict[str, float], list[tuple[str, np.ndarray, np.ndarray]]]:
         """``(figures, [(name, original, output)])``: reconstructions for an ADA level, generations
-        (original = a corpus clip, for the picture) for a prior. Figures are empty when the
-        levels below have no exports yet."""
+        (original = a corpus clip, for the picture) for a prior, sampled at ``temperature`` and
+        nucleus cut-off ``top_p``. Figures are empty when the levels below have no exports yet."""
         if not self.clips:
             return {}, []
         g = torch.Generator(device=device)
         g.manual_seed(seed)
         if self.kind in ("ada", "nsynth"):
             tokens = torch.stack([c.tokens for c in self.clips]).to(device)
-            out_tokens = model.decode(model.encode(tokens), temperature=temperature, generator=g)
+            out_tokens = model.decode(model.encode(tokens), temperature=temperature, generator=g, top_p=top_p)
         else:
             n = self.clips[0].tokens.numel()
-            out_tokens = model.generate(n, batch=len(self.clips), temperature=temperature, generator=g)
-        waves = tokens_to_audio(self.cfg, self.level, out_tokens, g, device, temperature)
+            out_tokens = model.generate(n, batch=len(self.clips), temperature=temperature, generator=g, top_p=top_p)
+        waves = tokens_to_audio(self.cfg, self.level, out_tokens, g, device)
         if waves is None:
             return {}, []
         res = dict(self.baselines())

@@ -46,7 +46,8 @@ def make_samples(cfg: StackConfig, level: str, model: torch.nn.Module, valid_roo
         batch = next(iter(loader))
         keep = batch.mask.nonzero().flatten() if batch.mask is not None else torch.arange(len(batch))
         tokens = batch.tokens[keep].to(device)
-        recon = model.decode(model.encode(tokens), generator=g)
+        recon = model.decode(model.encode(tokens), generator=g, temperature=cfg.quality.temperature(level),
+                             top_p=cfg.quality.nucleus(level))
         orig_wave = _to_audio(cfg, level, tokens, g, device)
         recon_wave = _to_audio(cfg, level, recon, g, device)
         if orig_wave is None or recon_wave is None:
@@ -57,7 +58,8 @@ def make_samples(cfg: StackConfig, level: str, model: torch.nn.Module, valid_roo
             items.append({"name": f"recon_{i}", "wave": recon_wave[i], "caption": f"reconstruction of {key} @ {off}"})
             items.append({"name": f"orig_{i}", "wave": orig_wave[i], "caption": f"original {key} @ {off}"})
     else:
-        gen = model.generate(n_tokens, batch=clips, generator=g)
+        gen = model.generate(n_tokens, batch=clips, generator=g, temperature=cfg.quality.temperature(level),
+                             top_p=cfg.quality.nucleus(level))
         wave = _to_audio(cfg, level, gen, g, device)
         if wave is None:
             return items

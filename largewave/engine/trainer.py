@@ -332,8 +332,7 @@ class Trainer:
     def _limit_threads(self) -> None:
         # Several ranks on one CPU host must share its cores, not each grab all of them.
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-            local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+            torch.set_num_threads(distributed.cpu_threads_per_rank())
 
     def plan_resume(self) -> None:
         """Find the checkpoint to resume from, drop interrupted ones, convert for a new world size."""
@@ -819,7 +818,8 @@ class Trainer:
         if self._probe is None:
             self._probe = evaluate.QualityProbe(self.cfg, self.level, t.eval_clips, t.eval_clip_seconds)
         with self._isolated_rng():
-            figs, pairs = self._probe.run(model, self.device, t.eval_temperature, seed=t.seed)
+            top_p = t.eval_top_p if t.eval_top_p is not None else self.cfg.quality.nucleus(self.level)
+            figs, pairs = self._probe.run(model, self.device, t.eval_temperature, seed=t.seed, top_p=top_p)
         if not figs:
             return {}
         out: dict[str, Any] = {f"valid/{k}": v for k, v in figs.items()}

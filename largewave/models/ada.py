@@ -137,7 +137,7 @@ class ADALevel(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes: Tensor, temperature: float = 1.0, prompt: Optional[Tensor] = None,
-               generator: Optional[torch.Generator] = None) -> Tensor:
+               generator: Optional[torch.Generator] = None, top_p: float = 1.0) -> Tensor:
         """Generate the token stream that ``codes`` encode.
 
         Args:
@@ -145,13 +145,14 @@ class ADALevel(nn.Module):
             temperature: sampling temperature (0 = greedy).
             prompt: LongTensor[B x P] tokens forced at the start (P ≤ Tc·hop).
             generator: torch.Generator for reproducible sampling.
+            top_p: nucleus cut-off (1 = the whole distribution); see :meth:`WaveNet.generate`.
         Returns:
             LongTensor[B x Tc·hop], the prompt included.
         """
         emb = codes.float() if codes.dim() == 3 else self.quantiser.embed(codes)
         cond = self.cond_proj(emb)
         return self.decoder.generate(cond.shape[2] * self.hop, cond=cond, temperature=temperature,
-                                     generator=generator, prompt=prompt)
+                                     generator=generator, prompt=prompt, top_p=top_p)
 
 
 class Prior(nn.Module):
@@ -188,10 +189,12 @@ class Prior(nn.Module):
 
     @torch.no_grad()
     def generate(self, n_tokens: int, batch: int = 1, temperature: float = 1.0,
-                 generator: Optional[torch.Generator] = None, prompt: Optional[Tensor] = None) -> Tensor:
-        """Sample LongTensor[batch x n_tokens] (the optional prompt LongTensor[batch x P] first)."""
+                 generator: Optional[torch.Generator] = None, prompt: Optional[Tensor] = None,
+                 top_p: float = 1.0) -> Tensor:
+        """Sample LongTensor[batch x n_tokens] (the optional prompt LongTensor[batch x P] first;
+        ``top_p``: nucleus cut-off, see :meth:`WaveNet.generate`)."""
         return self.decoder.generate(n_tokens, batch=batch, temperature=temperature,
-                                     generator=generator, prompt=prompt)
+                                     generator=generator, prompt=prompt, top_p=top_p)
 
 
 class WaveNetLevel(Prior):

@@ -204,12 +204,16 @@ class WaveNet(nn.Module):
         temperature: float = 1.0,
         generator: Optional[torch.Generator] = None,
         prompt: Optional[Tensor] = None,
+        top_p: float = 1.0,
     ) -> Tensor:
         """Sample ``n_tokens`` tokens per stream.
 
         Args:
             cond: Tensor[B x C x ceil(n_tokens/hop)] for a conditioned WaveNet.
             temperature: softmax temperature; 0 takes the most likely token.
+            top_p: nucleus cut-off: sample only among the most likely tokens whose probabilities
+                (at ``temperature``) sum to ``top_p``, the most likely one always included;
+                1 samples from the whole distribution.
             prompt: LongTensor[B x P] (P ≤ n_tokens) forced as the first P tokens.
         Returns:
             LongTensor[B x n_tokens] (the prompt included).
@@ -234,6 +238,9 @@ class WaveNet(nn.Module):
         noise_rows = noise.unbind(0)
         y = torch.empty(batch, self.vocab, device=state.device)
         inv_t = 1.0 / temperature if temperature > 0 else 1.0
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        nucleus = top_p < 1.0 and temperature > 0
         prev: Optional[Tensor] = None
         step = state._step  # already under inference_mode
         for t in range(n_tokens):
@@ -246,10 +253,20 @@ class WaveNet(nn.Module):
                 if j == 0:
                     noise.exponential_(generator=generator).log_().neg_()
                 torch.add(noise_rows[j], logits, alpha=inv_t, out=y)
+                if nucleus:
+                    y.masked_fill_(_outside_nucleus(logits * inv_t, top_p), float("-inf"))
                 torch.argmax(y, dim=1, out=prev)
             else:
                 torch.argmax(logits, dim=1, out=prev)
         return out.t().contiguous()
+
+
+def _outside_nucleus(logits: Tensor, top_p: float) -> Tensor:
+    """BoolTensor[B x V]: the tokens outside the smallest set of most likely tokens whose
+    probabilities sum to at least ``top_p`` (the most likely token is always inside)."""
+    probs, order = torch.softmax(logits, dim=1).sort(dim=1, descending=True)
+    outside_sorted = probs.cumsum(dim=1).sub_(probs) >= top_p  # mass before the token already enough
+    return torch.empty_like(outside_sorted).scatter_(1, order, outside_sorted)
 
 
 class IncrementalState:
