@@ -3,13 +3,15 @@
 #   make test    install everything, then run the test suite
 PYTHON ?= python3
 ARGS ?=
+# DEMO=long: the long variant (every level trained longer, about an hour on 2 cores, full targets)
+DEMO ?=
 
 .PHONY: install demo test smoke bench
 install:
 	@PYTHON=$(PYTHON) bash scripts/install.sh
 
 demo: install
-	$(PYTHON) launch/demo.py $(ARGS)
+	$(PYTHON) launch/demo.py $(if $(filter long,$(DEMO)),--long,) $(ARGS)
 
 # The demo in miniature (a minute of piano, a few steps): what CI runs.
 smoke: install

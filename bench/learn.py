@@ -16,7 +16,7 @@ exits like a preempted job), whichever comes first.
 Curves:
 
 * ``demo``: level 1 of ``configs/demo.yaml`` as the demo trains it;
-* ``wide``: the same with a wider decoder and encoder (residual 48, gate 96, skip 96, 10 layers);
+* ``wide``: the same with a wider decoder (residual 64, gate 128, skip 128);
 * ``wavenet``: an unconditioned WaveNet with the demo decoder, trained the same way: its valid
   bits/token minus the ADA's is the information its codes carry.
 
@@ -48,11 +48,12 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from _common import cpu_description  # noqa: E402
 
+DEMO_RANKS = 2  # launch/demo.py trains every level on 2 ranks
+
 CURVES = {
     "demo": [],
-    "wide": ["level1.decoder.residual_channels=48", "level1.decoder.gate_channels=96",
-             "level1.decoder.skip_channels=96", "level1.decoder.layers_per_stack=10",
-             "level1.encoder.channels=32"],
+    "wide": ["level1.decoder.residual_channels=64", "level1.decoder.gate_channels=128",
+             "level1.decoder.skip_channels=128"],
     "wavenet": ["level1.kind=wavenet", "level1.hop=1", "level1.decoder.cond_channels=0"],
 }
 
@@ -68,7 +69,7 @@ def run_curve(name: str, overrides: list[str], args, core: int | None) -> dict:
     raw = yaml.safe_load(resolve_config_path(args.config).read_text())
     raw["stack"] = f"learn-{name}"
     raw["levels"] = {"level1": raw["levels"]["level1"]}
-    for key in ("gate", "temperatures"):  # the quality settings of the levels left out go too
+    for key in ("gate", "temperatures", "top_p"):  # the quality settings of the levels left out go too
         if isinstance(raw.get("quality", {}).get(key), dict):
             raw["quality"][key] = {k: v for k, v in raw["quality"][key].items() if k == "level1"}
     stack_yaml = args.out / f"learn-{name}.yaml"
@@ -77,7 +78,9 @@ def run_curve(name: str, overrides: list[str], args, core: int | None) -> dict:
             f"level1.train.eval_every={args.eval_every}", f"level1.train.save_every={args.eval_every}",
             f"level1.train.log_every={min(50, args.eval_every)}", f"level1.train.eval_batches={args.eval_batches}",
             f"level1.train.eval_clips={args.clips}", f"level1.train.eval_clip_seconds={args.clip_seconds}",
-            "level1.train.sample_every=1000000", f"data.shards={args.shards}", "data.workers=1", *extra]
+            "level1.train.sample_every=1000000", f"data.shards={args.shards}", "data.workers=1",
+            # one rank accumulating DEMO_RANKS micro-batches: the demo's global batch and steps
+            f"level1.train.grad_accum={DEMO_RANKS}", *extra]
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--stack", str(stack_yaml), "--level", "1", *over]
     if core is not None:
         cmd = ["taskset", "-c", str(core), *cmd]

@@ -60,6 +60,24 @@ SMOKE_OVERRIDES = [
     "quality.gate.prior.centroid_ratio=null", "quality.gate.prior.flatness_db=null",
 ]
 
+# What --long changes: its own stack name (the same corpus, its own runs and codes), every level
+# trained longer, and the full quality targets as its gate. About an hour on 2 cores.
+LONG_OVERRIDES = [
+    "stack=demo-long", "data.raw_dir=data/demo/raw", "data.shards=data/demo/audio",
+    "level1.train.steps=8000", "level1.train.eval_every=1000", "level1.train.sample_every=8000",
+    "level1.train.save_every=500",
+    "level2.train.steps=4000", "level2.train.eval_every=1000", "level2.train.sample_every=4000",
+    "level2.train.save_every=500",
+    "prior.train.steps=1500", "prior.train.eval_every=500", "prior.train.sample_every=1500",
+    "prior.train.save_every=500",
+    # the targets: level-1 reconstructions close to the input, a level 2 that uses its codes, prior
+    # samples with the corpus' spectrum
+    "quality.gate.level1.lsd_db=9", "quality.gate.level1.flatness_excess_db=4", "quality.gate.level1.pitch_class=0.95",
+    "quality.gate.level1.beat_noise=true", "quality.gate.level1.beat_chance=true",
+    "quality.gate.level2.gap_bits=0.3", "quality.gate.level2.beat_chance=true",
+    "quality.gate.prior.centroid_ratio=1.5", "quality.gate.prior.flatness_db=8",
+]
+
 
 def run_stack(config: str, overrides: list[str], cluster: str, seconds: float, ranks: int = RANKS
               ) -> tuple[int, list[tuple[str, float]]]:
@@ -96,13 +114,23 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="demo", help="stack config name under configs/ or a YAML path (default: demo)")
     ap.add_argument("--smoke", action="store_true", help="a minute of piano, 300 level-1 steps and a few for the levels above, a smoke-scale gate "
                          "(what CI runs)")
+    ap.add_argument("--long", action="store_true",
+                    help="the long variant: every level trained longer (about an hour on 2 cores), gated on the full "
+                         "quality targets")
+    ap.add_argument("--ranks", type=int, default=RANKS,
+                    help=f"ranks (processes) per training job, one thread each (default {RANKS}: the recipe's global "
+                         f"batch is ranks × micro_batch, so keep it to reproduce the demo's figures)")
     ap.add_argument("--cluster", default="auto", choices=["auto", "slurm", "local"],
                     help="where the stages run (default auto: Slurm when a controller answers, else this machine)")
     ap.add_argument("--seconds", type=float, default=None, help=f"length of the samples (default {SAMPLE_SECONDS:g}; smoke 1)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = ap.parse_args(argv)
 
-    overrides = (SMOKE_OVERRIDES if args.smoke else []) + list(args.overrides)
+    if args.smoke and args.long:
+        ap.error("--smoke and --long are different recipes: give one")
+    if args.ranks < 1:
+        ap.error(f"--ranks {args.ranks} must be >= 1")
+    overrides = (SMOKE_OVERRIDES if args.smoke else LONG_OVERRIDES if args.long else []) + list(args.overrides)
     seconds = args.seconds or (1.0 if args.smoke else SAMPLE_SECONDS)
     try:
         cfg = load_config(args.config, overrides)
@@ -110,7 +138,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    rc, timings = run_stack(args.config, overrides, args.cluster, seconds)
+    rc, timings = run_stack(args.config, overrides, args.cluster, seconds, args.ranks)
     if rc != 0:
         print(f"\nerror: the demo stack stopped (exit {rc}); fix the problem above and rerun the same command: "
               f"finished stages are kept.", file=sys.stderr)
@@ -131,7 +159,7 @@ def main(argv=None) -> int:
     report = stack_report(cfg, samples, expected_seconds=seconds)
     timings.insert(-1, ("quality summary", time.time() - t0))
 
-    print("\n=== demo finished" + (" (smoke)" if args.smoke else ""))
+    print("\n=== demo finished" + (" (smoke)" if args.smoke else " (long)" if args.long else ""))
     for name, dt in timings:
         print(f"  {name:<30} {dt:8.0f} s")
     print(report.format())

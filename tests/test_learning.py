@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "launch"))
 
-from demo import SMOKE_OVERRIDES  # noqa: E402
+from demo import RANKS, SMOKE_OVERRIDES  # noqa: E402
 
 from largewave import quality  # noqa: E402
 from largewave.config import LevelGate, load_config  # noqa: E402
@@ -27,7 +27,9 @@ from largewave.report import Report, _floor_checks, stack_report  # noqa: E402
 def smoke(tmp_path_factory) -> list[str]:
     """The smoke demo's config, with its own folders: a minute of rendered piano in shards."""
     root = tmp_path_factory.mktemp("learning")
-    overrides = [*SMOKE_OVERRIDES, f"run.root={root / 'runs'}", f"data.raw_dir={root / 'raw'}",
+    # one rank accumulating RANKS micro-batches: the smoke demo's global batch (it trains on RANKS ranks)
+    overrides = [*SMOKE_OVERRIDES, f"level1.train.grad_accum={RANKS}", f"run.root={root / 'runs'}",
+                 f"data.raw_dir={root / 'raw'}",
                  f"data.shards={root / 'audio'}", f"data.codes={root / 'codes'}", "run.wandb_mode=disabled"]
     r = subprocess.run([sys.executable, str(REPO / "shards" / "build_audio.py"), "--config", "demo", "--quiet",
                         *overrides], cwd=REPO, capture_output=True, text=True, timeout=600)
