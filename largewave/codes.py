@@ -308,6 +308,10 @@ def precompute_codes(cfg: StackConfig, level: str, task_index: int = 0, task_cou
 
     set_fp32_exact()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cpu":
+        from largewave.distributed import flush_denormals
+
+        flush_denormals()  # as in training, so that codes here are the codes the trainer saw
     if threads is not None and dev.type == "cpu":
         torch.set_num_threads(threads)
     payload = read_export(export)

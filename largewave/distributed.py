@@ -130,6 +130,14 @@ def cpu_threads_per_rank(environ: Optional[Mapping[str, str]] = None) -> int:
     return max(1, cpus // local_world_size(e))
 
 
+def flush_denormals() -> None:
+    """Flush subnormal floats to zero on CPU (no effect elsewhere). As a WaveNet trains, some
+    activations and gradients decay into the subnormal range, which x86 cores process at a
+    fraction of normal speed: the demo's level 1 ran a training step 2x slower after 2,000 steps
+    than at its start. No trained figure depends on values below 1e-38."""
+    torch.set_flush_denormal(True)
+
+
 def first_host(nodelist: str) -> str:
     """First host name of a Slurm node list such as ``gpu[003-005,010],cpu01``."""
     if shutil.which("scontrol"):

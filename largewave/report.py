@@ -188,6 +188,9 @@ def reconstruction_figures(cfg: StackConfig, level: str, seed: int = 0) -> dict[
         return {}
     model, _ = load_export(stack.export_path(cfg, level))
     model.eval()
+    from largewave.distributed import flush_denormals
+
+    flush_denormals()  # a trained decoder makes subnormals, which are slow on CPU
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # sample by sample: one thread is fastest (see sampling.Stack)
     try:

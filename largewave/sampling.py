@@ -40,6 +40,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from largewave import distributed
 from largewave.audio import mulaw_decode, mulaw_encode
 from largewave.config import ConfigError, StackConfig, _level_key, load_config
 
@@ -191,6 +192,8 @@ class Stack:
         self.cfg = cfg
         self.models = models
         self.device = device
+        if device.type == "cpu":
+            distributed.flush_denormals()  # trained decoders make subnormals: many times slower steps
         self.exports = exports or {}
         names = cfg.level_names()
         self.ada_levels = [n for n in names if cfg.level(n).kind in ("ada", "nsynth")]  # bottom → top

@@ -64,11 +64,11 @@ SMOKE_OVERRIDES = [
 # trained longer, and the full quality targets as its gate. About an hour on 2 cores.
 LONG_OVERRIDES = [
     "stack=demo-long", "data.raw_dir=data/demo/raw", "data.shards=data/demo/audio",
-    "level1.train.steps=8000", "level1.train.eval_every=1000", "level1.train.sample_every=8000",
+    "level1.train.steps=6000", "level1.train.eval_every=1000", "level1.train.sample_every=6000",
     "level1.train.save_every=500",
-    "level2.train.steps=4000", "level2.train.eval_every=1000", "level2.train.sample_every=4000",
+    "level2.train.steps=3200", "level2.train.eval_every=800", "level2.train.sample_every=3200",
     "level2.train.save_every=500",
-    "prior.train.steps=1500", "prior.train.eval_every=500", "prior.train.sample_every=1500",
+    "prior.train.steps=1200", "prior.train.eval_every=400", "prior.train.sample_every=1200",
     "prior.train.save_every=500",
     # the targets: level-1 reconstructions close to the input, a level 2 that uses its codes, prior
     # samples with the corpus' spectrum

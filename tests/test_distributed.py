@@ -61,3 +61,20 @@ def test_ranks_on_a_node_share_its_cores():
     assert cpu_threads_per_rank({"SUBMITIT_LOCAL_NTASKS": str(cpus)}) == 1
     assert cpu_threads_per_rank({}) == cpus
     assert cpu_threads_per_rank({"SLURM_CPUS_PER_TASK": "3", "SLURM_NTASKS_PER_NODE": "8"}) == 3
+
+
+def test_cpu_work_flushes_subnormals():
+    """Training, sampling and codes run with subnormals flushed to zero on CPU: a trained decoder
+    makes them, and they made a training step 2x slower (README: Benchmarks)."""
+    import torch
+
+    from largewave.distributed import flush_denormals
+
+    tiny = torch.tensor([1e-40])
+    torch.set_flush_denormal(False)
+    try:
+        assert (tiny * 1.0).item() != 0.0
+        flush_denormals()
+        assert (tiny * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)

@@ -331,6 +331,8 @@ class Trainer:
 
     def _limit_threads(self) -> None:
         # Several ranks on one CPU host must share its cores, not each grab all of them.
+        if self.device.type == "cpu":
+            distributed.flush_denormals()
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(distributed.cpu_threads_per_rank())
 
