@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -365,42 +365,37 @@ class Stack:
                 keep[name] = tokens.cpu()
         return tokens
 
+    def _per_level(self, given: Temperatures, default: Callable[[str], float], what: str,
+                   valid: Callable[[float], bool], rule: str) -> dict[str, float]:
+        """Per-level values from one number (every level), a partial mapping (the rest from
+        ``default(level)``) or None (all from ``default``); ``rule`` words the error when a value
+        is not ``valid``."""
+        names = self.cfg.level_names()
+        if isinstance(given, (int, float)):
+            out = {n: float(given) for n in names}
+        else:
+            out = {n: default(n) for n in names}
+            for k, v in (given or {}).items():
+                key = _level_key(k)
+                if key not in out:
+                    raise StackError(f"{what} for {k!r}: stack {self.cfg.stack} has {', '.join(names)}")
+                out[key] = float(v)
+        bad = {k: v for k, v in out.items() if not valid(v)}
+        if bad:
+            raise StackError(f"{rule}: {bad}")
+        return out
+
     def temperatures(self, temperatures: Temperatures = None) -> dict[str, float]:
         """Per-level temperatures from one number (every level), a partial mapping (the rest from
         the config) or None (all from the config's ``quality.temperatures``, 1.0 where it names
         none). 0 means greedy."""
-        names = self.cfg.level_names()
-        if isinstance(temperatures, (int, float)):
-            out = {n: float(temperatures) for n in names}
-        else:
-            out = {n: self.cfg.quality.temperature(n) for n in names}
-            for k, v in (temperatures or {}).items():
-                key = _level_key(k)
-                if key not in out:
-                    raise StackError(f"temperature for {k!r}: stack {self.cfg.stack} has {', '.join(names)}")
-                out[key] = float(v)
-        bad = {k: v for k, v in out.items() if not (v >= 0 and math.isfinite(v))}
-        if bad:
-            raise StackError(f"temperatures must be finite and >= 0: {bad}")
-        return out
+        return self._per_level(temperatures, self.cfg.quality.temperature, "temperature",
+                               lambda v: v >= 0 and math.isfinite(v), "temperatures must be finite and >= 0")
 
     def nuclei(self, top_p: Temperatures = None) -> dict[str, float]:
         """Per-level nucleus cut-offs (``top_p``), given like :meth:`temperatures`: one number, a
         partial mapping (the rest from the config's ``quality.top_p``) or None; 1 = no cut-off."""
-        names = self.cfg.level_names()
-        if isinstance(top_p, (int, float)):
-            out = {n: float(top_p) for n in names}
-        else:
-            out = {n: self.cfg.quality.nucleus(n) for n in names}
-            for k, v in (top_p or {}).items():
-                key = _level_key(k)
-                if key not in out:
-                    raise StackError(f"top_p for {k!r}: stack {self.cfg.stack} has {', '.join(names)}")
-                out[key] = float(v)
-        bad = {k: v for k, v in out.items() if not 0 < v <= 1}
-        if bad:
-            raise StackError(f"top_p must be in (0, 1]: {bad}")
-        return out
+        return self._per_level(top_p, self.cfg.quality.nucleus, "top_p", lambda v: 0 < v <= 1, "top_p must be in (0, 1]")
 
     def _generator(self, seed: int) -> torch.Generator:
         g = torch.Generator(device=self.device)

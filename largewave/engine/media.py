@@ -48,10 +48,12 @@ def make_samples(cfg: StackConfig, level: str, model: torch.nn.Module, valid_roo
         tokens = batch.tokens[keep].to(device)
         recon = model.decode(model.encode(tokens), generator=g, temperature=cfg.quality.temperature(level),
                              top_p=cfg.quality.nucleus(level))
-        orig_wave = _to_audio(cfg, level, tokens, g, device)
-        recon_wave = _to_audio(cfg, level, recon, g, device)
-        if orig_wave is None or recon_wave is None:
+        # originals and reconstructions down the levels below in one batch: one load of each export,
+        # one sample-by-sample pass
+        waves = _to_audio(cfg, level, torch.cat([tokens, recon]), g, device)
+        if waves is None:
             return items
+        orig_wave, recon_wave = waves[: len(tokens)], waves[len(tokens):]
         for i in range(len(keep)):
             key = batch.keys[int(keep[i])]
             off = int(batch.offsets[int(keep[i])])

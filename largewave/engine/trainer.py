@@ -330,10 +330,11 @@ class Trainer:
         self.print_banner()
 
     def _limit_threads(self) -> None:
+        if self.device.type != "cpu":
+            return
+        distributed.flush_denormals()  # a trained decoder makes subnormals: slow on x86
         # Several ranks on one CPU host must share its cores, not each grab all of them.
-        if self.device.type == "cpu":
-            distributed.flush_denormals()
-        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(distributed.cpu_threads_per_rank())
 
     def plan_resume(self) -> None:
