@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="Train stacked autoregressive discrete autoencoders on raw audio at cluster scale",
     packages=find_packages(include=["largewave", "largewave.*"]),
+    # the fused generation step's C source, compiled on first use (largewave/models/fast_step.py)
+    package_data={"largewave": ["models/kernels/*.c"]},
     python_requires=">=3.10",
     install_requires=[
         # A range that the CPU wheel 2.13.0 satisfies; install torch==2.13.0 first (see README).

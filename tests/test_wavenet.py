@@ -1,8 +1,12 @@
 """WaveNet golden tests: causality by gradients, receptive field, incremental == full forward."""
+import math
+import os
+
 import pytest
 import torch
 
 from largewave.config import WaveNetConfig
+from largewave.models import fast_step
 from largewave.models.wavenet import WaveNet
 
 torch.set_num_threads(1)
@@ -185,9 +189,33 @@ def reference_net(cond_channels: int) -> WaveNet:
                    cond_channels=cond_channels, cond_hop=8).eval()
 
 
+def teacher_forced(net: WaveNet, tokens, cond, path: str, precision: str = "fp32"):
+    """Tensor[B x V x T]: the logits of every step of incremental generation fed the true tokens,
+    through the PyTorch step ("torch") or the fused C step ("fused")."""
+    B, T = tokens.shape
+    with torch.no_grad():
+        state = net.incremental_state(B, cond)
+        out = torch.empty(B, net.vocab, T)
+        if path == "torch":
+            prev = None
+            for t in range(T):
+                out[:, :, t] = state.step(prev)
+                prev = tokens[:, t]
+            return out
+        runner = state.fused(precision)
+        assert runner is not None, fast_step.unavailable_reason()
+        rows = tokens.t().contiguous()
+        for t in range(T):
+            if cond is not None and t % net.cond_hop == 0:
+                state._refresh_frame(t // net.cond_hop)
+            out[:, :, t] = runner.logits(t, rows[t - 1] if t else None)
+    return out
+
+
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("path", ["torch", "fused"])
 @pytest.mark.parametrize("cond_channels", [0, 64], ids=["unconditioned", "conditioned-hop8-C64"])
-def test_reference_scale_incremental_equals_full_forward(cond_channels, one_thread):
+def test_reference_scale_incremental_equals_full_forward(cond_channels, path, one_thread):
     net = reference_net(cond_channels)
     T, B = REFERENCE_STEPS, 1
     g = torch.Generator().manual_seed(1)
@@ -195,21 +223,109 @@ def test_reference_scale_incremental_equals_full_forward(cond_channels, one_thre
     tokens = torch.randint(0, 256, (B, T), generator=g)
     with torch.no_grad():
         full = net(tokens, cond)  # [B x V x T]
-        state = net.incremental_state(B, cond)
-        inc = torch.empty_like(full)
-        prev = None
-        for t in range(T):
-            inc[:, :, t] = state.step(prev)
-            prev = tokens[:, t]
+    inc = teacher_forced(net, tokens, cond, path)
     tol = 1e-5 * max(1.0, full.abs().max().item())
     err = (inc - full).abs().max().item()
     print(f"max |incremental - full| = {err:.3g} (tolerance {tol:.3g})")
     assert err <= tol, f"teacher-forced incremental logits differ by {err:.3g} > {tol:.3g}"
 
     # greedy decoding: every token is the argmax of the full forward over the decoded sequence
-    out = net.generate(T, batch=B, cond=cond, temperature=0.0)
+    out = net.generate(T, batch=B, cond=cond, temperature=0.0, fused=path == "fused")
     with torch.no_grad():
         pred = net(out, cond).argmax(1)
     mismatch = (pred != out).nonzero()
     assert mismatch.numel() == 0, f"greedy token differs from the full forward's argmax at {mismatch[:5].tolist()}"
     assert out.unique().numel() > 1  # a decoding that produced a constant would be a weak check
+
+
+# ---- the fused C step ------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kernel_size,cond_channels,upsample,B", [
+    (2, 0, "repeat", 1), (2, 6, "repeat", 3), (3, 6, "transposed", 7), (2, 0, "repeat", 13)])
+def test_fused_step_equals_full_forward_and_draws_the_same_samples(kernel_size, cond_channels, upsample, B):
+    """Every block shape of the kernel's matrix products (batches of 1 … 13 streams, widths that
+    are not multiples of 8), both conditioning upsamplers, kernel 3; sampling, greedy, nucleus
+    and prompts draw exactly what the PyTorch loop draws from the same generator."""
+    hop = 4
+    net = make(kernel_size, 1, cond_channels, hop, upsample)
+    T = 64
+    tokens = torch.randint(0, V, (B, T))
+    cond = torch.randn(B, cond_channels, T // hop) if cond_channels else None
+    with torch.no_grad():
+        full = net(tokens, cond)
+    fused = teacher_forced(net, tokens, cond, "fused")
+    assert (fused - full).abs().max().item() < 1e-4
+    prompt = torch.randint(0, V, (B, 9))
+    for kw in ({"temperature": 0.0}, {"temperature": 1.0}, {"temperature": 0.7, "top_p": 0.8}, {"prompt": prompt}):
+        a = net.generate(T, batch=B, cond=cond, generator=torch.Generator().manual_seed(5), fused=True, **kw)
+        b = net.generate(T, batch=B, cond=cond, generator=torch.Generator().manual_seed(5), fused=False, **kw)
+        assert torch.equal(a, b), kw
+
+
+def _kl_and_nll(net, tokens, cond, precision):
+    ref = teacher_forced(net, tokens, cond, "fused", "fp32")
+    low = teacher_forced(net, tokens, cond, "fused", precision)
+    lp, lq = ref.log_softmax(1), low.log_softmax(1)
+    kl = (lp.exp() * (lp - lq)).sum(1)  # [B x T]: KL(fp32 || reduced) per step, nats
+    nll = lambda lg: -lg.log_softmax(1).gather(1, tokens[:, None]).mean().item() / math.log(2)  # noqa: E731
+    return kl.max().item(), abs(nll(ref) - nll(low))
+
+
+@pytest.mark.timeout(240)
+def test_reduced_precision_step_is_close_to_fp32(one_thread):
+    """bf16 step weights: per-step KL ≤ 1e-3 nats against fp32, NLL within 0.01 bits (reference
+    decoder, conditioned; tokens drawn from the fp32 model so that the NLL is a real one)."""
+    net = reference_net(64)
+    T = 600
+    g = torch.Generator().manual_seed(2)
+    cond = torch.randn(1, 64, T // 8, generator=g)
+    tokens = net.generate(T, cond=cond, generator=g, fused=True)
+    kl, dnll = _kl_and_nll(net, tokens, cond, "bf16")
+    print(f"bf16 step: max per-step KL {kl:.2e} nats, |NLL difference| {dnll:.2e} bits")
+    assert kl <= 1e-3 and dnll <= 0.01
+    assert kl > 0  # the weights were really rounded
+    bf = net.generate(T, cond=cond, generator=torch.Generator().manual_seed(0), precision="bf16")
+    assert bf.shape == (1, T) and bf.unique().numel() > 1
+
+
+def test_fused_step_is_cached_and_falls_back_without_a_compiler(tmp_path):
+    """Built once per cache (a second process loads it without compiling); with no compiler on
+    PATH generation still works, through PyTorch, and fused=True says why it cannot."""
+    import subprocess
+    import sys
+
+    code = ("import torch, sys; from largewave.models import fast_step; "
+            "from largewave.models.wavenet import WaveNet; torch.manual_seed(0); "
+            "net = WaveNet(7, [1, 2], 8, 8, 8).eval(); "
+            "out = net.generate(20, batch=2, generator=torch.Generator().manual_seed(0)); "
+            "print('fused', fast_step.kernel() is not None, 'why', fast_step.unavailable_reason()); "
+            "print('tokens', out.sum().item())")
+    env = dict(os.environ, LARGEWAVE_CACHE=str(tmp_path / "cache"))
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "fused True" in first.stdout
+    built = list((tmp_path / "cache" / "kernels").glob("wavenet_step-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    second = subprocess.run([sys.executable, "-c", code], env=dict(env, CC="/nonexistent-cc"), capture_output=True,
+                            text=True, timeout=120)
+    assert second.returncode == 0 and "fused True" in second.stdout, second.stderr
+    assert built[0].stat().st_mtime_ns == stamp
+    # the same draws through PyTorch where no compiler exists and nothing is cached
+    bare = dict(env, LARGEWAVE_CACHE=str(tmp_path / "empty"), PATH=str(tmp_path / "no-bin"), CC="")
+    third = subprocess.run([sys.executable, "-c", code], env=bare, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stderr
+    assert "fused False" in third.stdout and "no C compiler" in third.stdout
+    assert third.stdout.split("tokens")[1] == first.stdout.split("tokens")[1]
+    with pytest.raises(RuntimeError, match="fused"):
+        env_off = os.environ.get("LARGEWAVE_FUSED_STEP")
+        os.environ["LARGEWAVE_FUSED_STEP"] = "0"
+        try:
+            WaveNet(7, [1, 2], 8, 8, 8).eval().generate(5, fused=True)
+        finally:
+            if env_off is None:
+                del os.environ["LARGEWAVE_FUSED_STEP"]
+            else:
+                os.environ["LARGEWAVE_FUSED_STEP"] = env_off

@@ -14,12 +14,15 @@ that one step costs O(layers) small matrix products whatever the receptive field
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from largewave.models import fast_step
 
 
 class WaveNet(nn.Module):
@@ -205,6 +208,8 @@ class WaveNet(nn.Module):
         generator: Optional[torch.Generator] = None,
         prompt: Optional[Tensor] = None,
         top_p: float = 1.0,
+        precision: str = "fp32",
+        fused: Optional[bool] = None,
     ) -> Tensor:
         """Sample ``n_tokens`` tokens per stream.
 
@@ -215,6 +220,11 @@ class WaveNet(nn.Module):
                 (at ``temperature``) sum to ``top_p``, the most likely one always included;
                 1 samples from the whole distribution.
             prompt: LongTensor[B x P] (P ≤ n_tokens) forced as the first P tokens.
+            precision: ``"fp32"`` (exact: the step agrees with the full forward to float
+                rounding) or ``"bf16"`` (the step's weights rounded to bfloat16, fp32
+                accumulation; needs the fused step, else fp32 is used with a warning).
+            fused: run the fused C step (:mod:`largewave.models.fast_step`); None = where it is
+                available (CPU, fp32 parameters, input_kernel_size 1, a C compiler).
         Returns:
             LongTensor[B x n_tokens] (the prompt included).
         """
@@ -241,6 +251,17 @@ class WaveNet(nn.Module):
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p={top_p} must be in (0, 1]")
         nucleus = top_p < 1.0 and temperature > 0
+        runner = state.fused(precision) if fused is not False else None
+        if runner is None and fused:
+            raise RuntimeError(f"fused=True but the fused generation step is unavailable here: "
+                               f"{fast_step.unavailable_reason() or 'this network or device is not supported'}")
+        if runner is None and precision != "fp32":
+            _warn_once(f"precision={precision!r} generation needs the fused step "
+                       f"({fast_step.unavailable_reason() or 'unsupported network or device'}): using fp32")
+        if runner is not None:
+            _generate_fused(state, runner, out, P, noise, block, temperature, inv_t, top_p if nucleus else 1.0,
+                            generator)
+            return out.t().contiguous()
         prev: Optional[Tensor] = None
         step = state._step  # already under inference_mode
         for t in range(n_tokens):
@@ -259,6 +280,52 @@ class WaveNet(nn.Module):
             else:
                 torch.argmax(logits, dim=1, out=prev)
         return out.t().contiguous()
+
+
+def _generate_fused(state: "IncrementalState", runner, out: Tensor, P: int, noise: Tensor, block: int,
+                    temperature: float, inv_t: float, top_p: float, generator) -> None:
+    """``generate``'s loop on the fused step: the C kernel runs stretches of steps that share one
+    conditioning frame and one block of noise; the same noise as the PyTorch loop (Gumbel-max in
+    blocks of ``block`` steps counted from the end of the prompt), so both draw the same samples
+    up to float rounding. Nucleus sampling takes the logits step by step."""
+    n = out.shape[0]
+    hop = state.hop if state.frame_bias is not None else n + 1
+    rows = out.unbind(0)
+    y = torch.empty_like(state.logits)
+    t = 0
+    while t < n:
+        if state.frame_bias is not None and t % hop == 0:
+            state._refresh_frame(t // hop)
+        end = min(n, (t // hop + 1) * hop)
+        if t < P:
+            end = min(end, P)
+            runner.run(t, end - t, out, P, None, 1.0)
+        elif temperature <= 0:
+            runner.run(t, end - t, out, P, None, 1.0)
+        else:
+            j = (t - P) % block
+            if j == 0:
+                noise.exponential_(generator=generator).log_().neg_()
+            end = min(end, t + block - j)
+            if top_p < 1.0:
+                logits = runner.logits(t, rows[t - 1] if t else None)
+                torch.add(noise[j], logits, alpha=inv_t, out=y)
+                y.masked_fill_(_outside_nucleus(logits * inv_t, top_p), float("-inf"))
+                torch.argmax(y, dim=1, out=rows[t])
+                end = t + 1
+            else:
+                runner.run(t, end - t, out, P, noise[j:], inv_t)
+        t = end
+    state.t = n
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _outside_nucleus(logits: Tensor, top_p: float) -> Tensor:
@@ -308,11 +375,14 @@ class IncrementalState:
             gscale = torch.ones(G, device=device, dtype=dtype)
             gscale[H:] = 0.5
             W = torch.stack([c.weight for c in net.convs]) * gscale[None, :, None, None]  # [L x G x R x k]
-            self.w_cur = list(W[..., k - 1].transpose(1, 2).contiguous().unbind(0))  # L x [R x G]
+            self.w_cur_all = W[..., k - 1].transpose(1, 2).contiguous()  # [L x R x G]
+            self.w_cur = list(self.w_cur_all.unbind(0))
             # past taps j = 0..k-2 (tap j sees t − (k−1−j)·d), stacked along the input dim
             self.w_past = W[..., : k - 1].permute(0, 3, 2, 1).reshape(L, (k - 1) * R, G).contiguous()
             self.bias = (torch.stack([c.bias for c in net.convs]) * gscale).contiguous()  # [L x G]
-            self.w_res = [(0.5 * r.weight[:, :, 0]).t().contiguous() for r in net.res]  # [H x R]
+            self.w_res_all = (0.5 * torch.stack([r.weight[:, :, 0].t() for r in net.res])).contiguous() \
+                if len(net.res) else torch.zeros(0, H, R, device=device, dtype=dtype)  # [(L−1) x H x R]
+            self.w_res = list(self.w_res_all.unbind(0))
             self.w_skip = torch.cat([0.5 * s.weight[:, :, 0].t() for s in net.skip], 0).contiguous()  # [L·H x S]
             self.b_skip = net.skip_bias.detach().clone()
             self.w_out1 = net.out1.weight[:, :, 0].t().contiguous()
@@ -355,6 +425,7 @@ class IncrementalState:
         self.tok_valid = torch.zeros(net.input_kernel_size, B, 1, device=device, dtype=dtype)
         self.tap_offset = (torch.arange(net.input_kernel_size, device=device) * net.vocab)[:, None]
         self.t = 0
+        self._fused: dict[str, "fast_step.FusedStep"] = {}
 
         # Conditioning: per-frame gate biases for all layers, [P x L x B x G] (P = 1 for repeat,
         # hop for a transposed upsampler), refreshed once per frame.
@@ -374,6 +445,15 @@ class IncrementalState:
         else:
             self.frame_bias = None
             self.const_bias = self.bias[:, None, :].expand(L, B, G).contiguous()
+
+    def fused(self, precision: str = "fp32") -> Optional["fast_step.FusedStep"]:
+        """This state bound to the fused C step (see :mod:`largewave.models.fast_step`), or None
+        where that cannot run it. One binding per precision, made on first use."""
+        if not fast_step.supports(self):
+            return None
+        if precision not in self._fused:
+            self._fused[precision] = fast_step.FusedStep(self, precision)
+        return self._fused[precision]
 
     def _refresh_frame(self, frame: int) -> None:
         """Compute every layer's conditioning bias for code frame ``frame`` (once per frame)."""
