@@ -177,6 +177,16 @@ def common_state_path(ckpt: Path) -> Path:
     return ckpt / "client_state" / "common.pt"
 
 
+def stored_precision(root: str | os.PathLike) -> Optional[str]:
+    """The precision ("fp32"/"bf16") the latest complete checkpoint under ``root`` was trained in,
+    or None (no checkpoint, or one written before the precision was recorded)."""
+    latest = latest_complete(root)
+    if latest is None or not common_state_path(latest.path).exists():
+        return None
+    common = torch.load(common_state_path(latest.path), map_location="cpu", weights_only=False)
+    return common.get("precision")
+
+
 def write_complete(ckpt: Path, step: int, world_size: int, zero_stage: int) -> None:
     fsync_tree(ckpt)
     atomic_write_text(ckpt / COMPLETE, json.dumps(

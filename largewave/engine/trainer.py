@@ -313,7 +313,12 @@ class Trainer:
     def setup(self) -> None:
         t = self.lv.train
         self.stop.install()  # before loader workers fork: they inherit it instead of dying on SIGTERM
-        self.rt = distributed.init(precision=t.precision, timeout_s=self.cfg.run.collective_timeout_s)
+        # A resumed run keeps the precision its checkpoints were trained in: "auto" may resolve
+        # differently on another node or after a library update, and a run must never switch.
+        stored = ckpt.stored_precision(self.ckpt_root) if t.precision == "auto" else None
+        self.rt = distributed.init(precision=stored or t.precision, timeout_s=self.cfg.run.collective_timeout_s)
+        if stored:
+            self.rt = dataclasses.replace(self.rt, precision_reason=f"auto, kept from the run's checkpoints ({stored})")
         self.rank, self.world = self.rt.rank, self.rt.world_size
         self.device = self.rt.device
         self._limit_threads()
@@ -449,6 +454,7 @@ class Trainer:
         lines = [
             f"[largewave] {self.cfg.stack}/{self.level} ({self.lv.kind}) on {self.world} rank(s), "
             f"{self.device.type} {self.rt.backend} {self.rt.precision}, ZeRO-{t.zero_stage}",
+            f"  precision         {self.rt.precision} ({self.rt.precision_reason})",
             f"  parameters        {self.n_params:,}",
             f"  vocabulary        {d['vocab']} tokens at {rate:g} Hz",
             f"  receptive field   {d['receptive_field_tokens']} tokens = {d['receptive_field_ms']:.1f} ms",
@@ -606,7 +612,8 @@ class Trainer:
             batch = self._next_batch()
             wait += time.perf_counter() - tw
             tokens = batch.tokens.to(self.device, non_blocking=True)
-            loss, terms, metrics = self.engine(tokens)
+            with distributed.autocast(self.rt):
+                loss, terms, metrics = self.engine(tokens)
             bad = distributed.all_reduce_max([0.0 if bool(torch.isfinite(loss.detach())) else 1.0], self.device)[0]
             if bad:
                 self.nonfinite_total += 1
@@ -881,7 +888,8 @@ class Trainer:
         t = self.lv.train
         common = {"step": self.step, "samples_seen": self.samples_seen(), "world_size": self.world,
                   "global_batch": t.micro_batch * t.grad_accum * self.world,
-                  "zero_stage": self.lv.train.zero_stage, "config": self.cfg.to_dict(), "level": self.level,
+                  "zero_stage": self.lv.train.zero_stage, "precision": self.rt.precision,
+                  "config": self.cfg.to_dict(), "level": self.level,
                   "signature": self.signature, "wandb_run_id": self.wandb_run_id,
                   "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
                   "ema": self.ema.state_dict() if self.ema is not None else None}
