@@ -5,7 +5,9 @@ The decoder: V = 256 mu-law classes, 30 layers (3 stacks of dilations 1…512), 
 64 residual channels, dilated convs 64 → 128 (64 tanh + 64 sigmoid), 256 skip channels,
 and either 64-dim local conditioning at hop 8 (≈ 1.5 M parameters) or none. Measured in one run:
 
-- ours: ``WaveNet.generate`` (incremental state, O(layers) per step), B = 1 and B = 16;
+- ours: ``WaveNet.generate`` (incremental state, O(layers) per step), B = 1 and B = 16, on each
+  path: the PyTorch loop, the fused C step in exact fp32, and the fused step with bf16 weights
+  (reduced precision; its per-step KL and NLL against fp32 are printed);
 - peer: ``wavenet-vocoder==0.1.1``'s ``incremental_forward`` on the same layers after
   ``make_generation_fast_()`` (if that package is installed), conditioned (``cin_channels=64``,
   conditioning given at sample rate as it requires) and unconditioned (``cin_channels=-1``);
@@ -15,8 +17,11 @@ and either 64-dim local conditioning at hop 8 (≈ 1.5 M parameters) or none. Me
 
 Protocol (``bench/_common.py``): wall clock, CPU time beside it; ours and the peer alternate
 (ours, peer, ours, peer, …) ``--repeats`` times per row; median and spread (min–max); the load
-average at start and end, the CPU model and flags. Then a profile of our step, and a profile of
-the peer's step conditioned vs unconditioned (why its conditioned figure is lower).
+average at start and end, the CPU model and flags. Then the goals (B = 1 exact >= 4,000 samples/s,
+reduced >= 8,000; B = 16 reduced >= 40,000 in total) with the measured shortfall, the fused step's
+time per phase against what bounds it (weight bytes streamed at B = 1, the matmul ceiling at
+B = 16), a profile of the PyTorch loop's step, and a profile of the peer's step conditioned vs
+unconditioned (why its conditioned figure is lower).
 
 Why the peer's conditioned figure is lower (measured by ``peer_diagnosis`` below, printed at the
 end, with torch.profiler and cProfile): its ``incremental_forward`` does NOT upsample or
@@ -77,13 +82,71 @@ def timed(fn, min_seconds: float) -> float:
             return elapsed / n
 
 
-def ours(net: WaveNet, batch: int, steps: int) -> Sample:
+# Our generation paths: the PyTorch loop of IncrementalState, and the fused C step (exact fp32 and
+# bf16 step weights); each a keyword set for WaveNet.generate.
+MODES = {"torch loop": {"fused": False}, "fused fp32 (exact)": {"fused": True},
+         "fused bf16 (reduced)": {"fused": True, "precision": "bf16"}}
+
+
+def ours(net: WaveNet, batch: int, steps: int, mode: str = "fused fp32 (exact)") -> Sample:
     cond = torch.randn(batch, C, math.ceil(steps / HOP)) if net.cond is not None else None
     g = torch.Generator().manual_seed(0)
-    net.generate(64, batch=batch, cond=None if cond is None else cond[:, :, :8], generator=g)  # warm-up
-    _, s = measure(lambda: net.generate(steps, batch=batch, cond=cond, temperature=1.0, generator=g),
+    kw = MODES[mode]
+    warm = min(64, steps)
+    net.generate(warm, batch=batch, cond=None if cond is None else cond[:, :, :math.ceil(warm / HOP)], generator=g,
+                 **kw)  # warm-up
+    _, s = measure(lambda: net.generate(steps, batch=batch, cond=cond, temperature=1.0, generator=g, **kw),
                    batch * steps)
     return s
+
+
+def reduced_precision_numerics(net: WaveNet, steps: int) -> tuple[float, float, float]:
+    """(max per-step KL(fp32 || bf16) in nats, mean per-step KL, |NLL difference| in bits) of the
+    fused step fed the same tokens (drawn from the fp32 model), B = 1."""
+    g = torch.Generator().manual_seed(3)
+    cond = torch.randn(1, C, math.ceil(steps / HOP), generator=g) if net.cond is not None else None
+    tokens = net.generate(steps, cond=cond, generator=g, fused=True)
+    logits = {}
+    with torch.inference_mode():
+        for prec in ("fp32", "bf16"):
+            state = net.incremental_state(1, cond)
+            runner = state.fused(prec)
+            rows = tokens.t().contiguous()
+            out = torch.empty(steps, V)
+            for t in range(steps):
+                if cond is not None and t % HOP == 0:
+                    state._refresh_frame(t // HOP)
+                out[t] = runner.logits(t, rows[t - 1] if t else None)[0]
+            logits[prec] = out.log_softmax(1)
+    lp, lq = logits["fp32"], logits["bf16"]
+    kl = (lp.exp() * (lp - lq)).sum(1)
+    nll = {k: -v.gather(1, tokens[0][:, None]).mean().item() / math.log(2) for k, v in logits.items()}
+    return kl.max().item(), kl.mean().item(), abs(nll["fp32"] - nll["bf16"])
+
+
+def fused_profile(net: WaveNet, batch: int, steps: int, precision: str) -> dict[str, float]:
+    """µs per step in each phase of the fused step (timed inside the kernel)."""
+    cond = torch.randn(batch, C, math.ceil((steps + 1) / HOP)) if net.cond is not None else None
+    state = net.incremental_state(batch, cond)
+    runner = state.fused(precision)
+    out = torch.zeros(steps, batch, dtype=torch.long)
+    with torch.inference_mode():
+        runner.profile(True)
+        for t0 in range(0, steps, HOP):
+            if cond is not None:
+                state._refresh_frame(t0 // HOP)
+            runner.run(t0, min(HOP, steps - t0), out, 0, None, 1.0)
+        sec = runner.phase_seconds()
+        runner.profile(False)
+    return {k: v / steps * 1e6 for k, v in sec.items()}
+
+
+def weight_stream_ceiling(bytes_per_element: int, min_seconds: float) -> float:
+    """Steps/s if a step only had to read its weights once (a memory-bound B = 1 step): the rate
+    at which this thread sums a buffer of the step's weight bytes."""
+    n, m = step_weight_shape()
+    w = torch.randn(n * m * bytes_per_element // 4)  # the same bytes, summed as fp32 (a plain read)
+    return 1.0 / timed(lambda: w.sum(), min_seconds)
 
 
 def naive(net: WaveNet, batch: int, steps: int) -> Sample:
@@ -366,8 +429,14 @@ def main() -> None:
     print(f"reference level-1 decoder: {params[True] / 1e6:.3f} M parameters conditioned (C={C}, hop {HOP}), "
           f"{params[False] / 1e6:.3f} M unconditioned; receptive field {nets[True].receptive_field} samples", flush=True)
 
-    # Ours and the peer alternate within each row (ours, peer, ours, peer, …), so that a burst of
-    # foreign load on this shared machine hits both; the figure is the median over the repeats.
+    # Ours (every path) and the peer alternate within each row (torch loop, fused fp32, fused bf16,
+    # peer, …), so that a burst of foreign load on this shared machine hits all of them; the
+    # figure is the median over the repeats.
+    from largewave.models import fast_step
+
+    modes = list(MODES) if fast_step.kernel() is not None else ["torch loop"]
+    if len(modes) == 1:
+        print(f"fused step unavailable ({fast_step.unavailable_reason()}): the PyTorch loop only")
     peers = {cond: baseline_model(cond) for cond in (True, False)}
     why = peers[True][1]
     results = {}
@@ -380,7 +449,9 @@ def main() -> None:
                 s, note[0] = baseline(vocoder, B, args.baseline_steps if B == 1 else args.baseline_steps // 2, cond)
                 return s
 
-            cases = {"ours": lambda B=B, cond=cond: ours(nets[cond], B, args.steps if B == 1 else args.steps // 3)}
+            n = args.steps if B == 1 else args.steps // 3
+            cases = {m: (lambda B=B, cond=cond, m=m, n=n: ours(nets[cond], B, n // 4 if m == "torch loop" else n, m))
+                     for m in modes}
             if vocoder is not None:
                 cases["peer"] = run_peer
             r = alternate(cases, args.repeats)
@@ -392,39 +463,74 @@ def main() -> None:
 
     print()
     print(f"samples/s over all streams, wall clock: median (min–max) of {args.repeats} alternating runs; "
-          f"CPU-time rates (medians) beside them")
-    print(f"{'':22} {'ours':>22} {'peer':>22} {'ours/peer':>20}  {'ours CPU':>9} {'peer CPU':>9}")
+          f"CPU-time rate (median) beside each; the torch loop runs a quarter of the steps")
+    print(f"{'':22} {'path':22} {'samples/s':>22} {'vs peer':>20}  {'CPU-time rate':>13}")
     for B in (1, 16):
         for cond in (True, False):
             r = results[B, cond]
             label = f"B={B} {'cond. hop 8, C=64' if cond else 'unconditioned'}"
-            o = wall_rates(r["ours"])
-            if "peer" in r:
-                p = wall_rates(r["peer"])
-                print(f"{label:22} {spread(o):>22} {spread(p):>22} {ratio_spread(o, p):>20}  "
-                      f"{median(cpu_rates(r['ours'])):9,.0f} {median(cpu_rates(r['peer'])):9,.0f}")
-            else:
-                print(f"{label:22} {spread(o):>22} {'n/a':>22} {'n/a':>20}  {median(cpu_rates(r['ours'])):9,.0f}")
+            p = wall_rates(r["peer"]) if "peer" in r else None
+            for m in modes + (["peer"] if p else []):
+                o = wall_rates(r[m])
+                vs = ratio_spread(o, p) if p and m != "peer" else ("1.00x" if m == "peer" else "n/a")
+                print(f"{label:22} {m:22} {spread(o):>22} {vs:>20}  {median(cpu_rates(r[m])):13,.0f}")
+                label = ""
     for B in (1, 16):
         print(f"peer B={B}: {results[B, True]['peer_note']}")
 
+    best = modes[-1]
     print()
-    print(f"{'conditioned':>12} {'ours':>10} {'naive':>10} {'ceiling':>10}   ours/naive  of ceiling")
+    print(f"{'conditioned':>12} {'ours':>10} {'naive':>10} {'ceiling':>10}   ours/naive  of ceiling   (ours: {best})")
     for B in (1, 16):
-        mine = median(wall_rates(results[B, True]["ours"]))
+        mine = median(wall_rates(results[B, True][best]))
         nv = results[B, "naive"].wall_rate
         ceil = median(results[B, "ceiling"]) * B
         print(f"{'B=' + str(B):>12} {mine:10,.0f} {nv:10.1f} {ceil:10,.0f}   {mine / nv:9.0f}x  {mine / ceil:9.1%}")
     n, m = step_weight_shape()
     print(f"naive: one run each (full forward over the receptive field per sample); ceiling: median of 3, one fused "
-          f"[B x {n}] @ [{n} x {m}] matmul per step (the step's {n * m / 1e6:.2f} M multiply-adds)")
-    real_time = median(wall_rates(results[1, True]["ours"])) / 16000
-    print(f"B=1 conditioned is {real_time:.2f}x real time at 16 kHz")
+          f"[B x {n}] @ [{n} x {m}] fp32 matmul per step (the step's {n * m / 1e6:.2f} M multiply-adds)")
+    real_time = median(wall_rates(results[1, True][best])) / 16000
+    print(f"B=1 conditioned ({best}) is {real_time:.2f}x real time at 16 kHz")
 
-    print("\nwhere the time goes (our conditioned step, torch.profiler):")
+    if len(modes) > 1:
+        kl_max, kl_mean, dnll = reduced_precision_numerics(nets[True], 1000)
+        print(f"\nreduced precision (bf16 step weights, fp32 accumulation) against exact fp32, 1,000 teacher-forced "
+              f"steps of the conditioned decoder: per-step KL max {kl_max:.2e} nats (mean {kl_mean:.2e}), "
+              f"NLL difference {dnll:.2e} bits (goals: KL <= 1e-3, NLL within 0.01)")
+
+        def rate(B, cond, m):
+            return median(wall_rates(results[B, cond][m]))
+
+        goals = [("B=1 exact fp32, conditioned", rate(1, True, "fused fp32 (exact)"), 4000),
+                 ("B=1 exact fp32, unconditioned", rate(1, False, "fused fp32 (exact)"), 4000),
+                 ("B=1 reduced precision, conditioned", rate(1, True, "fused bf16 (reduced)"), 8000),
+                 ("B=1 reduced precision, unconditioned", rate(1, False, "fused bf16 (reduced)"), 8000),
+                 ("B=16 reduced precision, conditioned, total", rate(16, True, "fused bf16 (reduced)"), 40000),
+                 ("B=16 reduced precision, unconditioned, total", rate(16, False, "fused bf16 (reduced)"), 40000)]
+        print(f"\n{'goal (1 thread)':46} {'measured':>10} {'goal':>8}  verdict")
+        for name, got, goal in goals:
+            verdict = "met" if got >= goal else f"missed: {got / goal:.0%} of the goal"
+            print(f"{name:46} {got:10,.0f} {goal:8,d}  {verdict}")
+
+        print("\nwhere the fused step spends its time (conditioned, µs per step, timed inside the kernel):")
+        stream = {4: median([weight_stream_ceiling(4, args.seconds / 3) for _ in range(3)]),
+                  2: median([weight_stream_ceiling(2, args.seconds / 3) for _ in range(3)])}
+        flops = 2 * n * m
+        for B in (1, 16):
+            for prec in ("fp32", "bf16"):
+                ph = fused_profile(nets[True], B, 800 if B == 1 else 240, prec)
+                total = sum(ph.values())
+                parts = ", ".join(f"{k} {v:.0f}" for k, v in ph.items())
+                gflops = flops * B / (total * 1e-6) / 1e9
+                bound = (f"reading the step's {n * m * (4 if prec == 'fp32' else 2) / 2 ** 20:.1f} MiB of weights once "
+                         f"takes {1e6 / stream[4 if prec == 'fp32' else 2]:.0f} µs here" if B == 1 else
+                         f"fp32 matmul ceiling {median(results[B, 'ceiling']) * flops * B / 1e9:.0f} GFLOP/s")
+                print(f"  B={B:<2} {prec}: {total:.0f} µs/step ({gflops:.1f} GFLOP/s): {parts}; {bound}")
+
+    print("\nwhere the time goes (the PyTorch loop's conditioned step, torch.profiler):")
     for B in (1, 16):
         print(profile_step(nets[True], B))
-    print("breakdown of one step:")
+    print("breakdown of one step of the PyTorch loop:")
     for B in (1, 16):
         real, py = python_share(nets[True], B)
         floor = 1e6 / median(results[B, "ceiling"])

@@ -275,7 +275,9 @@ class TrainConfig:
     micro_batch: int = bookkeeping(8)  # examples per rank per forward
     grad_accum: int = bookkeeping(1)
     zero_stage: int = 2
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 on a GPU; on a CPU bf16 only with bf16 matrix units where a cached probe measured it
+    # faster (distributed.resolve_precision), else fp32; a resumed run keeps its checkpoints' precision
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     activation_checkpointing: bool = bookkeeping(False)  # same math, less memory
     log_every: int = bookkeeping(50)
     eval_every: int = bookkeeping(2000)
