@@ -45,9 +45,11 @@ def input_gradients(net, tokens, t, cond=None):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["eval", "train"])  # train: the residual stack's own backward
 @pytest.mark.parametrize("kernel_size,input_kernel_size", [(2, 1), (3, 1), (2, 3)])
-def test_causal_and_receptive_field_by_gradients(kernel_size, input_kernel_size):
+def test_causal_and_receptive_field_by_gradients(kernel_size, input_kernel_size, mode):
     net = make(kernel_size, input_kernel_size)
+    net.train(mode == "train")
     T = net.receptive_field + 20
     tokens = torch.randint(0, V, (2, T))
     t = T - 5
@@ -329,3 +331,44 @@ def test_fused_step_is_cached_and_falls_back_without_a_compiler(tmp_path):
                 del os.environ["LARGEWAVE_FUSED_STEP"]
             else:
                 os.environ["LARGEWAVE_FUSED_STEP"] = env_off
+
+
+# ---- training through the residual stack's hand-written backward --------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("threads", [1, 2])  # 1: the C gate kernel; 2: PyTorch's elementwise ops
+@pytest.mark.parametrize("kernel_size,cond_channels,upsample,dilations", [
+    (2, 0, "repeat", (1, 2, 4, 1, 3)), (2, 6, "repeat", (1, 2, 64, 4)), (3, 6, "transposed", (1, 3, 2)),
+    (2, 6, "repeat", (1,))])
+def test_fused_training_equals_autograd(kernel_size, cond_channels, upsample, dilations, threads):
+    """Logits and every gradient (weights, conditioning) of the fused residual stack equal those of
+    the layer loop under autograd, to float rounding; dilation 64 > T checks an all-zero tap."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        hop = 4
+        net = make(kernel_size, 1, cond_channels, hop, upsample, dilations=dilations).train()
+        tokens = torch.randint(0, V, (3, 48))
+        cond = torch.randn(3, cond_channels, 12, requires_grad=True) if cond_channels else None
+        weight = torch.randn(3, V, 48, generator=torch.Generator().manual_seed(1))
+        got = {}
+        for fused in (False, True):
+            net.fused_training = fused
+            net.zero_grad()
+            if cond is not None:
+                cond.grad = None
+            out = net(tokens, cond)
+            (out * weight).sum().backward()
+            got[fused] = (out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()},
+                          None if cond is None else cond.grad.clone())
+    finally:
+        torch.set_num_threads(before)
+    (o0, g0, c0), (o1, g1, c1) = got[False], got[True]
+    assert (o0 - o1).abs().max() <= 1e-5 * max(1.0, o0.abs().max().item())
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        tol = 1e-5 * max(1.0, g0[n].abs().max().item())
+        assert (g0[n] - g1[n]).abs().max() <= tol, f"gradient of {n} differs"
+    if cond is not None:
+        assert (c0 - c1).abs().max() <= 1e-5 * max(1.0, c0.abs().max().item())

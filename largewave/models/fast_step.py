@@ -126,6 +126,9 @@ def kernel() -> Optional[ctypes.CDLL]:
                     lib.lw_run.restype = ctypes.c_int
                     lib.lw_logits.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
                     lib.lw_logits.restype = ctypes.c_int
+                    for fn in (lib.lw_gate_forward, lib.lw_gate_backward):
+                        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4
+                        fn.restype = ctypes.c_int
                 except OSError as e:
                     lib, why = None, f"could not load {path}: {e}"
             _cached["lib"], _cached["why"] = lib, why
@@ -199,3 +202,28 @@ class FusedStep:
         """Logits of step t given the previous tokens (LongTensor[B], contiguous) — the state's buffer."""
         self.lib.lw_logits(self.ctx_ref, t, None if prev is None else prev.data_ptr())
         return self.state.logits
+
+
+# ---- the gates of training --------------------------------------------------------------------
+
+
+def gates_supported(a: torch.Tensor) -> bool:
+    """Whether :func:`gate_forward`/:func:`gate_backward` can run on ``a``: a contiguous fp32 CPU
+    tensor, one torch thread (the kernel is single-threaded: with more threads PyTorch's own
+    elementwise kernels split the work), and the kernel built."""
+    return (a.device.type == "cpu" and a.dtype == torch.float32 and a.is_contiguous()
+            and torch.get_num_threads() == 1 and kernel() is not None)
+
+
+def gate_forward(a: torch.Tensor, z: torch.Tensor) -> None:
+    """In place, one pass: a[:, :H] ← tanh, a[:, H:] ← sigmoid, z ← their product.
+    a: Tensor[B x G x T] contiguous; z: Tensor[B x H x T] with contiguous [H x T] blocks."""
+    B, G, T = a.shape
+    kernel().lw_gate_forward(a.data_ptr(), z.data_ptr(), B, G // 2, T, z.stride(0))
+
+
+def gate_backward(a: torch.Tensor, dz: torch.Tensor) -> None:
+    """In place, one pass: a (holding tanh, sigmoid) ← the gradient of the pre-activations."""
+    B, G, T = a.shape
+    dz = dz if dz.stride(2) == 1 and dz.stride(1) == T else dz.contiguous()
+    kernel().lw_gate_backward(a.data_ptr(), dz.data_ptr(), B, G // 2, T, dz.stride(0))

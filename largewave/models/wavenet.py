@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from largewave.models import fast_step
+from largewave.models.residual_stack import residual_stack
 
 
 class WaveNet(nn.Module):
@@ -104,6 +105,9 @@ class WaveNet(nn.Module):
         # Recompute each residual layer in backward instead of storing its activations (set by
         # the trainer from ``train.activation_checkpointing``).
         self.activation_checkpointing = False
+        # Train through the residual stack's hand-written backward (largewave/models/residual_stack.py):
+        # the same function, fewer and larger matmuls; False runs the layer loop under autograd.
+        self.fused_training = True
         scale = 1.0 / math.sqrt(2.0)
         for conv in self.res:
             conv.weight.data.mul_(scale)
@@ -171,10 +175,15 @@ class WaveNet(nn.Module):
         T = tokens.shape[1]
         x = self._input(tokens)
         G = self.gate_channels
+        if self.cond is not None and cond is None:
+            raise ValueError("this WaveNet is conditioned: pass cond")
+        if self.fused_training and self.training and torch.is_grad_enabled() and not self.activation_checkpointing:
+            frames = self._frame_conditioning(cond, T) if self.cond is not None else None
+            if self.cond is None or frames is not None:
+                skips = residual_stack(x, frames, self.dilations, self.kernel_size, self.convs, self.res, self.skip)
+                return self._output(skips)
         cb = None
         if self.cond is not None:
-            if cond is None:
-                raise ValueError("this WaveNet is conditioned: pass cond")
             cb = self.conditioning(cond, T)
         # Per-layer gate biases as views from one split: the backward of a split is one cat, where
         # slicing each layer's block would allocate (and zero) a full-size gradient per layer.
@@ -188,9 +197,24 @@ class WaveNet(nn.Module):
             else:
                 x, s = self._layer(i, x, c)
             skips = s if skips is None else skips + s
+        return self._output(skips)
+
+    def _output(self, skips: Tensor) -> Tensor:
+        """The output stack: Tensor[B x S x T] skip sum → Tensor[B x V x T] logits."""
         h = F.relu(skips + self.skip_bias[:, None])
         h = F.relu(self.out1(h))
         return self.out2(h)
+
+    def _frame_conditioning(self, cond: Tensor, length: int) -> Optional[Tensor]:
+        """Tensor[B x L·G x Tc] per-layer gate biases at a rate that divides ``length`` (frame rate
+        for the repeat upsampler, token rate for the transposed one), or None where the
+        conditioning does not tile ``length`` exactly (then the token-rate path is used)."""
+        if self.upsampler is not None:
+            c = self.upsampler(cond)
+            return self.cond(c[:, :, :length]) if c.shape[2] >= length else None
+        if length % self.cond_hop or cond.shape[2] * self.cond_hop < length:
+            return None
+        return self.cond(cond[:, :, :length // self.cond_hop])
 
     # ---- incremental generation ----------------------------------------------------------
 

@@ -287,3 +287,36 @@ int lw_logits(const lw_ctx *c, int64_t t, const int64_t *prev) {
     step(c, t, prev);
     return 0;
 }
+
+/* ---- the gates of training (largewave/models/residual_stack.py), one pass each way ----------
+ * a: [B x G x T] gate pre-activations, contiguous; z: B blocks of [H x T] rows, z_bs floats apart.
+ * Forward: a_f <- tanh(a_f), a_g <- sigmoid(a_g), z <- tanh * sigmoid (sigmoid(x) = (1 + tanh(x/2))/2).
+ * Backward: with a holding (t, s) and dz like z: a_f <- dz s (1 - t^2), a_g <- dz t s (1 - s). */
+int lw_gate_forward(float *a, float *z, int64_t B, int64_t H, int64_t T, int64_t z_bs) {
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            float *f = a + (b * 2 * H + h) * T, *g = f + H * T, *o = z + b * z_bs + h * T;
+            for (int64_t i = 0; i < T; i++) {
+                const float t = fast_tanh(f[i]);
+                const float s = 0.5f + 0.5f * fast_tanh(0.5f * g[i]);
+                f[i] = t;
+                g[i] = s;
+                o[i] = t * s;
+            }
+        }
+    return 0;
+}
+
+int lw_gate_backward(float *a, const float *dz, int64_t B, int64_t H, int64_t T, int64_t dz_bs) {
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            float *f = a + (b * 2 * H + h) * T, *g = f + H * T;
+            const float *d = dz + b * dz_bs + h * T;
+            for (int64_t i = 0; i < T; i++) {
+                const float t = f[i], s = g[i], gz = d[i];
+                f[i] = gz * s * (1.0f - t * t);
+                g[i] = gz * t * s * (1.0f - s);
+            }
+        }
+    return 0;
+}
