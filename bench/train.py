@@ -187,7 +187,8 @@ def worker(args) -> None:
                                            lr_scheduler=make_scheduler(lv))
 
     def engine_step():
-        loss, _, _ = engine(tokens)
+        with distributed.autocast(rt):  # as the trainer runs its forward
+            loss, _, _ = engine(tokens)
         engine.backward(loss)
         engine.step()
 
@@ -264,7 +265,8 @@ def peer_worker(args) -> None:
         opt_o = torch.optim.Adam(ours.parameters(), lr=1e-3)
         opt_p = torch.optim.Adam(peer.parameters(), lr=1e-3)
 
-        def ours_step():
+        def ours_step(fused=True):
+            ours.fused_training = fused  # False: the same layers under autograd (the layer loop)
             loss = F.cross_entropy(ours(tokens, c), tokens)  # ours shifts inside: logits[t] | tokens[< t]
             loss.backward()
             opt_o.step()
@@ -286,10 +288,17 @@ def peer_worker(args) -> None:
                                    None if c is None else torch.repeat_interleave(c[:1], hop, dim=2))) / T,
             "ours_params": sum(p.numel() for p in ours.parameters()),
             "peer_params": sum(p.numel() for p in peer.parameters()),
-            **alternating_steps((("ours", ours_step), ("peer", peer_step)), args.warmup, args.steps, sync),
+            **alternating_steps((("ours", ours_step), ("ours_loop", lambda: ours_step(False)), ("peer", peer_step)),
+                                args.warmup, args.steps, sync),
         }
         result["rows"]["conditioned" if cond else "unconditioned"] = row
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def _cpu_flags() -> set[str]:
+    from largewave.distributed import cpu_flags
+
+    return cpu_flags()
 
 
 def distributed_broadcast_path(path: str, rt) -> str:
@@ -407,6 +416,12 @@ def main(argv=None) -> int:
     print("ceiling: median of three 1024² fp32 (bf16 on GPU) matmul timings in the row's own process(es), at its "
           "thread count; summed over ranks")
     print("\n" + "\n".join(saves))
+    one = [r for r in rows if r[0] == "engine ZeRO-2, 1 rank" and r[1] == 1]
+    two = [r for r in rows if r[0] == "engine ZeRO-2, 2 ranks"]
+    if one and two:
+        eff = median(two[0][2]) / (2 * median(one[0][2]))
+        print(f"\n1 -> 2 ranks (1 thread each): {median(two[0][2]):,.0f} vs 2 x {median(one[0][2]):,.0f} samples/s = "
+              f"{eff:.0%} scaling efficiency (goal >= 90% on an idle machine; see the load average)")
     if pairs is not None:
         p_s, e_s, th = pairs
         per = [e / p - 1 for p, e in zip(p_s, e_s)]
@@ -425,16 +440,27 @@ def main(argv=None) -> int:
             n = args.peer_batch * args.peer_length
             print(f"{'':26s} {'ours samples/s':>24s} {'peer samples/s':>24s} {'ours/peer':>19s} "
                   f"{'ours GFLOP/s':>12s} {'of ceil.':>8s} {'peer GFLOP/s':>12s} {'of ceil.':>8s}")
+            verdicts = []
             for name, row in r["rows"].items():
-                o = [n / t for t in row["ours"]]
                 p = [n / t for t in row["peer"]]
-                ratios = [a / b for a, b in zip(o, p)]
-                of = median(o) * row["ours_flops_per_sample"]
                 pf = median(p) * row["peer_flops_per_sample"]
                 label = name + (" (hop 8, C=64)" if name == "conditioned" else "")
-                print(f"{label:26s} {spread(o):>24s} {spread(p):>24s} "
-                      f"{median(o) / median(p):>6.2f}x ({min(ratios):.2f}–{max(ratios):.2f}) "
-                      f"{of / 1e9:>12.2f} {of / ceil:>8.1%} {pf / 1e9:>12.2f} {pf / ceil:>8.1%}")
+                for key, path in (("ours", ""), ("ours_loop", " [layer loop]")):
+                    o = [n / t for t in row[key]]
+                    ratios = [a / b for a, b in zip(o, p)]
+                    of = median(o) * row["ours_flops_per_sample"]
+                    print(f"{label + path:26s} {spread(o):>24s} {spread(p):>24s} "
+                          f"{median(o) / median(p):>6.2f}x ({min(ratios):.2f}–{max(ratios):.2f}) "
+                          f"{of / 1e9:>12.2f} {of / ceil:>8.1%} {pf / 1e9:>12.2f} {pf / ceil:>8.1%}")
+                    if key == "ours":
+                        verdicts.append((name, median(o) / median(p)))
+            flags = _cpu_flags()
+            units = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+            goal = 3.0 if units else 1.3
+            kind = f"a CPU with bf16 matrix units ({'/'.join(units)})" if units else "an fp32-only CPU (no bf16 matrix units)"
+            for name, ratio in verdicts:
+                print(f"goal on {kind}: ours >= {goal:.1f}x the peer, {name}: {ratio:.2f}x -> "
+                      + ("met" if ratio >= goal else f"missed by {goal / ratio:.2f}x"))
             rc, ru = r["rows"]["conditioned"], r["rows"]["unconditioned"]
             print(f"ceiling: {r['threads']} thread(s) fp32 {spread([c / 1e9 for c in r['ceiling']], '.1f')} GFLOP/s; "
                   f"ours/peer: ratio of medians (range of the per-step ratios); parameters ours {ru['ours_params']:,} / "
