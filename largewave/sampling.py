@@ -207,7 +207,7 @@ class Stack:
     @classmethod
     def load(cls, source: Union[StackConfig, str, os.PathLike, Sequence[Union[str, os.PathLike]]], *,
              device: Optional[str | torch.device] = None, overrides: Optional[list[str]] = None,
-             threads: Optional[int] = 1, verbose: bool = False) -> "Stack":
+             threads: Optional[int] = 1, verbose: bool = False, precision: str = "fp32") -> "Stack":
         """Load a stack's exports (fp32, no DeepSpeed).
 
         Args:
@@ -217,7 +217,12 @@ class Stack:
                 export files, one per level (the config is taken from the top-most export).
             device: where to run (default: CUDA when present).
             threads: torch threads for generation on CPU (see the class docstring).
+            precision: the weights of every generation step: "fp32" (exact) or "bf16" (rounded to
+                bfloat16 with fp32 accumulation: faster on CPU, per-step KL ~1e-6 nats against
+                fp32 on the reference decoder; see bench/sampling.py).
         """
+        if precision not in ("fp32", "bf16"):
+            raise StackError(f"precision={precision!r}: choose fp32 or bf16")
         from largewave import stack as stk
         from largewave.engine.export import load_export, read_export
 
@@ -259,6 +264,10 @@ class Stack:
                     raise StackError(f"{exports[name]}: level {name} is not part of stack {cfg.stack}")
                 models[name], _ = load_export(exports[name], device=dev)
         s = cls(cfg, models, dev, exports, threads=threads)
+        for model in models.values():
+            for m in model.modules():
+                if hasattr(m, "generation_precision"):  # every WaveNet: decoders and the prior
+                    m.generation_precision = precision
         s._check_vocabularies()
         if verbose:
             for name, path in exports.items():

@@ -60,6 +60,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for generation on CPU (default 1: sample-by-sample steps are too small "
                          "to split; 0 = torch's default)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="weights of every generation step: fp32 (exact, default) or bf16 (rounded weights, fp32 "
+                         "accumulation: faster on CPU where the fused step is built; bench/sampling.py measures both)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = ap.parse_args(argv)
 
@@ -70,11 +73,12 @@ def main(argv=None) -> int:
         temps = parse_temperatures(args.temperature)
         nuclei = parse_temperatures(args.top_p, "top-p")
         if args.runs:
-            stack = Stack.load(args.runs, device=args.device, threads=args.threads or None, verbose=True)
+            stack = Stack.load(args.runs, device=args.device, threads=args.threads or None, verbose=True,
+                               precision=args.precision)
             cfg = stack.cfg
         else:
             cfg = load_config(args.config, args.overrides)
-            stack = Stack.load(cfg, device=args.device, threads=args.threads or None)
+            stack = Stack.load(cfg, device=args.device, threads=args.threads or None, precision=args.precision)
         common = dict(temperatures=temps, top_p=nuclei, seed=args.seed, out_dir=args.out, stack=stack)
         if args.reconstruct:
             seconds = 4.0 if args.seconds is None else (args.seconds or None)

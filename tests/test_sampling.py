@@ -275,3 +275,20 @@ def test_level1_reconstructs_before_level2_exists(tmp_path):
     assert sorted(p.name for p in (tmp_path / "rec").glob("*.wav")) == ["from-level1.wav", "original.wav"]
     w, sr = read_wav(tmp_path / "rec" / "from-level1.wav")
     assert sr == SR and w.shape == (800,)
+
+
+@pytest.mark.timeout(120)
+def test_reduced_precision_sampling_is_a_load_option(tiny, loaded):
+    """Stack.load(precision="bf16") gives every decoder bf16 step weights: the samples stay close
+    to fp32's (same seed); the prior (two input taps, not fused) keeps fp32 and says so."""
+    bf = Stack.load(tiny, device="cpu", precision="bf16")
+    nets = [m for model in bf.models.values() for m in model.modules() if hasattr(m, "generation_precision")]
+    assert nets and all(m.generation_precision == "bf16" for m in nets)
+    with pytest.warns(RuntimeWarning, match="needs the fused step"):
+        low = bf.sample(0.05, 2, seed=11)
+    ref = loaded.sample(0.05, 2, seed=11)
+    assert low.tokens["prior"].equal(ref.tokens["prior"])
+    same = (low.tokens["level2"] == ref.tokens["level2"]).float().mean().item()
+    assert same >= 0.9, same
+    with pytest.raises(StackError, match="precision"):
+        Stack.load(tiny, device="cpu", precision="fp16")

@@ -108,6 +108,8 @@ class WaveNet(nn.Module):
         # Train through the residual stack's hand-written backward (largewave/models/residual_stack.py):
         # the same function, fewer and larger matmuls; False runs the layer loop under autograd.
         self.fused_training = True
+        # The weights of generation steps: "fp32" (exact) or "bf16" (reduced precision, fused step only).
+        self.generation_precision = "fp32"
         scale = 1.0 / math.sqrt(2.0)
         for conv in self.res:
             conv.weight.data.mul_(scale)
@@ -232,7 +234,7 @@ class WaveNet(nn.Module):
         generator: Optional[torch.Generator] = None,
         prompt: Optional[Tensor] = None,
         top_p: float = 1.0,
-        precision: str = "fp32",
+        precision: Optional[str] = None,
         fused: Optional[bool] = None,
     ) -> Tensor:
         """Sample ``n_tokens`` tokens per stream.
@@ -246,7 +248,8 @@ class WaveNet(nn.Module):
             prompt: LongTensor[B x P] (P ≤ n_tokens) forced as the first P tokens.
             precision: ``"fp32"`` (exact: the step agrees with the full forward to float
                 rounding) or ``"bf16"`` (the step's weights rounded to bfloat16, fp32
-                accumulation; needs the fused step, else fp32 is used with a warning).
+                accumulation; needs the fused step, else fp32 is used with a warning);
+                None = :attr:`generation_precision` (fp32 unless set, e.g. by ``Stack.load``).
             fused: run the fused C step (:mod:`largewave.models.fast_step`); None = where it is
                 available (CPU, fp32 parameters, input_kernel_size 1, a C compiler).
         Returns:
@@ -275,6 +278,9 @@ class WaveNet(nn.Module):
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p={top_p} must be in (0, 1]")
         nucleus = top_p < 1.0 and temperature > 0
+        precision = precision or self.generation_precision
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision={precision!r} must be 'fp32' or 'bf16'")
         runner = state.fused(precision) if fused is not False else None
         if runner is None and fused:
             raise RuntimeError(f"fused=True but the fused generation step is unavailable here: "
@@ -343,13 +349,9 @@ def _generate_fused(state: "IncrementalState", runner, out: Tensor, P: int, nois
     state.t = n
 
 
-_warned: set[str] = set()
-
-
 def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    """A RuntimeWarning (Python's default filter shows it once per calling line)."""
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _outside_nucleus(logits: Tensor, top_p: float) -> Tensor:
