@@ -128,6 +128,8 @@ def count_training_flops(model, forward) -> float:
 
 
 def worker(args) -> None:
+    if args.peer_worker:  # torch and the model only (no DeepSpeed, no W&B)
+        return peer_worker(args)
     import torch
 
     from largewave import distributed
@@ -135,8 +137,6 @@ def worker(args) -> None:
     from largewave.engine.trainer import _as_objective
     from largewave.models import build_level
 
-    if args.peer_worker:
-        return peer_worker(args)
     cfg = reference_config(args.crop, args.micro_batch)
     lv = cfg.level("level1")
     rt = distributed.init(precision="auto", timeout_s=600)
@@ -356,6 +356,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-warmup", type=int, default=1)
     ap.add_argument("--peer-threads", type=int, default=1, help="threads of the ours-vs-peer process")
     ap.add_argument("--quick", action="store_true", help="3 timed steps, peer rows at 4 x 2,000 (a smoke run)")
+    ap.add_argument("--torch-only", action="store_true",
+                    help="only the ours-vs-peer model rows (torch alone: no DeepSpeed, no W&B; e.g. on a lent GPU machine)")
     ap.add_argument("--scratch", default=None, help="folder for the checkpoint timing (default: system temp)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
@@ -386,6 +388,8 @@ def main(argv=None) -> int:
     if cuda or cores == 1:
         plan[0] = (1, cores, args.plain)
     pairs = None
+    if args.torch_only:
+        plan = []
     for ranks, threads, plain in plan:
         if cuda and ranks > torch.cuda.device_count():
             continue

@@ -59,10 +59,11 @@ def data(tmp_path_factory) -> Path:
 
 def write_config(root: Path, name: str = "tiny", *, zero: int = 2, accum: int = 2, ema: float = 0.0,
                  steps: int = STEPS, wandb: str = "disabled", audio: Path | None = None,
-                 quantiser: str = "amae") -> Path:
+                 quantiser: str = "amae", precision: str = "fp32") -> Path:
     """A tiny level-1 ADA (≈10k parameters) on 256-token crops. The shard folder is part of the
     run signature, so runs meant to continue one another name the same ``audio`` folder.
-    ``log_every: 1`` gives one console line per step: the kill tests watch it for progress."""
+    ``log_every: 1`` gives one console line per step: the kill tests watch it for progress.
+    ``precision`` is explicit (fp32): exact-resume tests must not depend on what ``auto`` resolves to."""
     path = root / f"{name}.yaml"
     path.write_text(textwrap.dedent(f"""
         stack: {name}
@@ -76,7 +77,7 @@ def write_config(root: Path, name: str = "tiny", *, zero: int = 2, accum: int = 
             decoder: {{residual_channels: 8, gate_channels: 16, skip_channels: 16, stacks: 1, layers_per_stack: 3,
                        cond_channels: 8}}
             optim: {{lr: 3.0e-3, warmup_steps: 2, ema: {ema}}}
-            train: {{steps: {steps}, crop: 256, micro_batch: 4, crops_per_segment: 2, grad_accum: {accum},
+            train: {{steps: {steps}, crop: 256, micro_batch: 4, crops_per_segment: 2, grad_accum: {accum}, precision: {precision},
                      zero_stage: {zero}, log_every: 1, eval_every: 4, eval_batches: 2, sample_every: {steps},
                      sample_clips: 1, sample_seconds: 0.02, eval_clips: 0, save_every: {SAVE_EVERY}, keep_checkpoints: 3}}
         run: {{root: {root}/runs, wandb_mode: {wandb}, collective_timeout_s: 120}}

@@ -62,7 +62,7 @@ def test_a_resumed_run_keeps_the_precision_of_its_checkpoints(data, tmp_path, mo
     """Trained to a pause where auto means fp32, resumed where auto would now mean bf16: the run
     goes on in fp32, says so, and its checkpoints record fp32."""
     monkeypatch.setenv("LARGEWAVE_CACHE", str(tmp_path / "cache"))
-    cfg = write_config(tmp_path, accum=1, audio=data / "audio")
+    cfg = write_config(tmp_path, accum=1, audio=data / "audio", precision="auto")
     monkeypatch.setenv("LARGEWAVE_CPU_FLAGS", "avx2 fma")
     first = train_to_end(cfg, 1, tmp_path / "logs1", ("level1.train.pause_at=4",))
     assert "precision         fp32 (auto: no bf16 matrix units" in first.output(0)
