@@ -154,4 +154,12 @@ def residual_stack(x0: Tensor, cond: Optional[Tensor], dilations: Sequence[int],
             residual and skip 1×1 convs).
     """
     weights = [c.weight for c in convs] + [c.bias for c in convs] + [r.weight for r in res] + [s.weight for s in skip]
+    dev = x0.device.type
+    if torch.is_autocast_enabled(dev):
+        # Under autocast every matmul would run in its dtype: cast everything once (differentiably,
+        # so fp32 master weights get their gradients as autocast gives them) and run in that dtype.
+        dt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return _ResidualStack.apply(x0.to(dt), None if cond is None else cond.to(dt), list(dilations),
+                                        kernel_size, *[w.to(dt) for w in weights])
     return _ResidualStack.apply(x0, cond, list(dilations), kernel_size, *weights)
