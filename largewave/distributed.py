@@ -37,6 +37,8 @@ from typing import Literal, Mapping, Optional
 
 import torch
 
+from largewave.cache import cache_dir
+
 Launcher = Literal["torchrun", "slurm", "single"]
 
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -189,8 +191,7 @@ def cpu_flags() -> set[str]:
 
 
 def _probe_cache() -> Path:
-    root = os.environ.get("LARGEWAVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "largewave")
-    return Path(root) / "precision-probe.json"
+    return cache_dir() / "precision-probe.json"
 
 
 def _probe_key() -> str:

@@ -39,6 +39,8 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from largewave.cache import cache_dir  # noqa: F401  (also piano.cache_dir for callers)
+
 MIDITOK_SDIST = "miditok-3.1.0.tar.gz"
 MIDITOK_SHA256 = "1f905b9be87a57dac28a86c1c7a7565674a5d2e57b2f650bc2fea97792f6bdef"
 APT_PACKAGES = ("fluidsynth", "musescore-general-soundfont-lossless")
@@ -256,13 +258,6 @@ def ensure_tools(install: bool = True, soundfont: Optional[str] = None,
     if not (exe and sf2):
         raise RenderError(f"after `{cmd}`: fluidsynth={exe}, soundfont={sf2}; cannot render")
     return exe, sf2
-
-
-def cache_dir() -> Path:
-    """``$LARGEWAVE_CACHE``, else ``$XDG_CACHE_HOME/largewave``, else ``~/.cache/largewave``."""
-    if os.environ.get("LARGEWAVE_CACHE"):
-        return Path(os.environ["LARGEWAVE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "largewave"
 
 
 def maestro_midis(cache: Optional[Path] = None, log: Callable[[str], None] = print) -> list[Path]:

@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from largewave.cache import cache_dir as largewave_cache
+
 SOURCE = Path(__file__).with_name("kernels") / "wavenet_step.c"
 CFLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fPIC", "-shared", "-std=c99"]
 
@@ -52,8 +54,7 @@ PHASES = ("input and history", "dilated convs", "gates", "residuals", "skips", "
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("LARGEWAVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "largewave")
-    return Path(root) / "kernels"
+    return largewave_cache() / "kernels"
 
 
 def _cpu_key() -> str:
