@@ -286,7 +286,7 @@ class WaveNet(nn.Module):
             raise RuntimeError(f"fused=True but the fused generation step is unavailable here: "
                                f"{fast_step.unavailable_reason() or 'this network or device is not supported'}")
         if runner is None and precision != "fp32":
-            _warn_once(f"precision={precision!r} generation needs the fused step "
+            _warn(f"precision={precision!r} generation needs the fused step "
                        f"({fast_step.unavailable_reason() or 'unsupported network or device'}): using fp32")
         if runner is not None:
             _generate_fused(state, runner, out, P, noise, block, temperature, inv_t, top_p if nucleus else 1.0,
@@ -349,7 +349,7 @@ def _generate_fused(state: "IncrementalState", runner, out: Tensor, P: int, nois
     state.t = n
 
 
-def _warn_once(msg: str) -> None:
+def _warn(msg: str) -> None:
     """A RuntimeWarning (Python's default filter shows it once per calling line)."""
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
