@@ -27,6 +27,7 @@ manifest removed) so that a half-rebuilt set never passes for complete.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 
 from largewave.config import StackConfig, _level_key
+from largewave.data import storage
 from largewave.data.shards import tar_member
 from largewave.data.manifest import MANIFEST_NAME, ManifestError, read_manifest, sha256_file, write_manifest
 from largewave.stack import CodesError, CodesNotReady, FingerprintError  # noqa: F401  (re-exported)
@@ -151,9 +153,17 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def receipt_path(out: Path, name: str) -> Path:
-    """``.{name}.done.json``: written after shard ``name`` is complete."""
-    return out / f".{name}.done.json"
+def receipt_name(name: str) -> str:
+    """``.{name}.done.json``: written after shard ``name`` is complete (beside it, in the code set)."""
+    return f".{name}.done.json"
+
+
+def staging_dir(root: str) -> Path:
+    """Where code shards bound for a remote set (``s3://``) are written before their upload:
+    ``$LARGEWAVE_CACHE/staging/<hash of the root>``. Each shard is deleted once uploaded."""
+    from largewave.cache import cache_dir
+
+    return cache_dir() / "staging" / hashlib.sha1(root.encode()).hexdigest()[:16]
 
 
 def _tmp_path(out: Path, name: str) -> Path:
@@ -184,24 +194,24 @@ def _remove_abandoned(out: Path, name: str) -> None:
             continue
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def _store_json(store, name: str) -> Optional[dict]:
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(store.read_bytes(name))
         return d if isinstance(d, dict) else None
-    except (OSError, ValueError):
+    except storage.NotFound:
+        return None
+    except ValueError:
         return None
 
 
-def _receipt_ok(out: Path, shard, fingerprint: str) -> Optional[dict]:
+def _receipt_ok(store, shard, fingerprint: str) -> Optional[dict]:
     """The receipt of a finished code shard for ``shard`` (a source ShardInfo) that this encoder
     made from the current source bytes, or None (then the shard is redone)."""
-    info = _read_json(receipt_path(out, shard.name))
+    info = _store_json(store, receipt_name(shard.name))
     if info is None:
         return None
-    target = out / shard.name
     if (info.get("fingerprint") != fingerprint or info.get("source_sha256") != shard.sha256
-            or info.get("keys") != list(shard.keys) or not target.exists()
-            or target.stat().st_size != info.get("bytes")):
+            or info.get("keys") != list(shard.keys) or store.size(shard.name) != info.get("bytes")):
         return None
     return info
 
@@ -321,9 +331,18 @@ def precompute_codes(cfg: StackConfig, level: str, task_index: int = 0, task_cou
     fingerprint = stack.encoder_fingerprint(payload, src.fingerprint if src.kind == "codes" else None)
     k = lv.quantiser.codes
     dtype = code_dtype(k)
-    out = Path(stack.codes_dir(cfg, level))
+    out_root = stack.codes_dir(cfg, level)
+    store = storage.open_store(out_root)
+    if not store.writable:
+        raise CodesError(f"data.codes: {out_root} is a {storage.kind(out_root)} location, which is read-only; "
+                         "write code sets to a local folder or an s3:// prefix")
+    # a local set is written in place; a remote one through a local staging folder, shard by shard
+    out = Path(store.folder) if isinstance(store, storage.LocalStore) else staging_dir(out_root)
     out.mkdir(parents=True, exist_ok=True)
-    _invalidate_if_foreign(out, fingerprint)
+    try:
+        _invalidate_if_foreign(store, fingerprint)
+    except storage.StorageError as e:
+        raise CodesError(f"cannot write the codes of {level} to {out_root}: {e}") from None
 
     jobs = [(split, i, s) for split in src.splits for i, s in enumerate(src.splits[split])]
     mine = [j for n, j in enumerate(jobs) if n % task_count == task_index]
@@ -341,7 +360,7 @@ def precompute_codes(cfg: StackConfig, level: str, task_index: int = 0, task_cou
     readers: dict[str, ShardSamples] = {}
     try:
         for split, si, shard in mine:
-            if _receipt_ok(out, shard, fingerprint) is not None:
+            if _receipt_ok(store, shard, fingerprint) is not None:
                 skipped += 1
                 if bar:
                     bar.update(shard.seconds)
@@ -383,10 +402,14 @@ def precompute_codes(cfg: StackConfig, level: str, task_index: int = 0, task_cou
                     "bytes": (out / shard.name).stat().st_size, "samples": len(keys), "keys": keys,
                     "lengths": lengths, "seconds": shard.seconds, "fingerprint": fingerprint,
                     "source_sha256": shard.sha256}
-            receipt = receipt_path(out, shard.name)
-            rtmp = receipt.with_name(receipt.name + f".{os.getpid()}.tmp")
-            rtmp.write_text(json.dumps(info))
-            os.replace(rtmp, receipt)
+            try:
+                if not isinstance(store, storage.LocalStore):
+                    store.put_file(shard.name, out / shard.name, sha256=info["sha256"])  # shard, then receipt
+                    (out / shard.name).unlink()
+                store.put_bytes(receipt_name(shard.name), json.dumps(info).encode())
+            except storage.StorageError as e:
+                raise CodesError(f"uploading {shard.name} of the {level} codes: {e}; finished shards are kept, "
+                                 "run the same command again") from None
             done += 1
             seconds += shard.seconds
             if bar:
@@ -394,8 +417,11 @@ def precompute_codes(cfg: StackConfig, level: str, task_index: int = 0, task_cou
     finally:
         if bar:
             bar.close()
-    written = _write_manifest_if_complete(out, src, fingerprint, extra, lv.hop)
-    result = PrecomputeResult(level=level, out=str(out), fingerprint=fingerprint, task_index=task_index,
+    try:
+        written = _write_manifest_if_complete(store, src, fingerprint, extra, lv.hop)
+    except (storage.StorageError, ManifestError) as e:
+        raise CodesError(f"writing the manifest of the {level} codes at {out_root}: {e}") from None
+    result = PrecomputeResult(level=level, out=out_root, fingerprint=fingerprint, task_index=task_index,
                               task_count=task_count, shards_done=done, shards_skipped=skipped,
                               seconds_of_audio=seconds, wall_s=time.time() - t0, manifest_written=written)
     if log is not None:
@@ -419,26 +445,26 @@ def _groups(reader, indices: range) -> list[list[int]]:
     return groups
 
 
-def _invalidate_if_foreign(out: Path, fingerprint: str) -> None:
+def _invalidate_if_foreign(store, fingerprint: str) -> None:
     """A finished set made by another encoder loses its manifest: it is incomplete until redone."""
-    mp = out / MANIFEST_NAME
-    if mp.exists() and (_read_json(mp) or {}).get("fingerprint") != fingerprint:
-        mp.unlink(missing_ok=True)
+    m = _store_json(store, MANIFEST_NAME)
+    if m is not None and m.get("fingerprint") != fingerprint:
+        store.delete(MANIFEST_NAME)
 
 
-def _write_manifest_if_complete(out: Path, src, fingerprint: str, extra: dict, hop: int) -> bool:
+def _write_manifest_if_complete(store, src, fingerprint: str, extra: dict, hop: int) -> bool:
     """Write the manifest when every source shard has a matching receipt; True if written."""
     splits: dict[str, list[dict]] = {}
     for split, shards in src.splits.items():
         splits[split] = []
         for s in shards:
-            info = _receipt_ok(out, s, fingerprint)
+            info = _receipt_ok(store, s, fingerprint)
             if info is None:
                 return False
             splits[split].append({k: info[k] for k in ("name", "sha256", "bytes", "samples", "keys", "lengths",
                                                        "seconds")})
-    write_manifest(out, {"kind": "codes", "sample_rate": src.sample_rate, "token_rate": src.token_rate / hop,
-                         "splits": splits, "hours": dict(src.hours), **extra})
+    write_manifest(store.root, {"kind": "codes", "sample_rate": src.sample_rate, "token_rate": src.token_rate / hop,
+                                "splits": splits, "hours": dict(src.hours), **extra})
     return True
 
 

@@ -8,7 +8,8 @@
 Rerunning the same command resumes from the run's latest complete checkpoint: the run folder
 ``runs/<stack>/<level>/<signature>/`` is named from the config (see largewave/engine/run_folder.py).
 
-Exit codes: 0 done · 2 bad config or missing data (nothing started) · 3 stopped on request
+Exit codes: 0 done · 2 bad config or missing data (nothing started), or a remote shard that
+cannot be fetched intact · 3 stopped on request
 (SIGUSR2/SIGTERM) after a complete checkpoint: rerun / requeue · 4 diverged (non-finite losses).
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
         level = cfg.level(args.level)  # unknown level → ConfigError naming the stack's levels
         del level
         from largewave.config import _level_key
+        from largewave.data.loader import ShardFetchError, original_message
         from largewave.engine.trainer import EXIT_CONFIG, EXIT_NONFINITE, NonFiniteLossError, Trainer
 
         trainer = Trainer(cfg, _level_key(args.level), argv=[sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
@@ -64,6 +66,9 @@ def main(argv=None) -> int:
         return EXIT_NONFINITE
     except ConfigError as e:  # found only once ranks exist (e.g. data too small for the world size)
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ShardFetchError as e:  # a remote shard that cannot be fetched intact (also from a loader worker)
+        print(f"error: {original_message(e)}", file=sys.stderr)
         return EXIT_CONFIG
     return result.exit_code
 

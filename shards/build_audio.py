@@ -10,8 +10,9 @@ Input: every wav/flac/ogg/mp3/aiff/… file under the folder (recursively), any 
 count. Output (default ``data.shards`` of the config): ``{split}-{index:06d}.tar`` shards of 16 kHz
 mono FLAC segments, ``report.json`` (every skipped file with its reason) and ``manifest.json``
 (written last). Rebuilding from the same input gives byte-identical shards. The shards can be
-copied to shared or object storage afterwards; training then reads them from any location
-WebDataset opens (``data.shards`` may be an http(s) URL prefix).
+copied to shared or object storage afterwards (shards/copy_set.py); training reads them from a local
+folder, ``s3://bucket/prefix``, an http(s) prefix or a ``pipe:`` command (see README). With
+``data.shards=s3://…`` the set is built in a local staging folder and then copied there.
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from largewave.config import ConfigError, load_config  # noqa: E402
+from largewave.codes import staging_dir  # noqa: E402
+from largewave.data import storage  # noqa: E402
+from largewave.data.manifest import ManifestError, copy_shard_set  # noqa: E402
 from largewave.data.shards import BuildError, build_audio_shards  # noqa: E402
 
 
@@ -43,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="demo", help="stack config name under configs/ or a YAML path (default: demo)")
     ap.add_argument("--input", help="folder of recordings (default: data.source, or the rendered demo "
                                     "folder data.raw_dir when data.source is 'demo')")
-    ap.add_argument("--out", help="output folder (default: data.shards)")
+    ap.add_argument("--out", help="output folder or s3:// prefix (default: data.shards)")
     ap.add_argument("--no-render", action="store_true",
                     help="with data.source=demo: do not render the demo piano when data.raw_dir holds none "
                          "(by default it is rendered first, as shards/render_piano.py would)")
@@ -70,13 +74,20 @@ def main(argv=None) -> int:
                     raise BuildError(f"rendering the demo piano into {src}: {e}") from None
         else:
             src = os.path.expanduser(d.source)
-        out = os.path.expanduser(args.out or cfg.path(d.shards))
+        out = args.out or cfg.path(d.shards)
+        out = out if storage.is_remote(out) else os.path.expanduser(out)
+        # a remote destination (s3://): built in a local staging folder, then copied, manifest last
+        local = str(staging_dir(out)) if storage.is_remote(out) else out
         split_file = os.path.expanduser(d.split_file) if d.split_file else None
-        build_audio_shards(src, out, sample_rate=cfg.audio.sample_rate, segment_seconds=d.segment_seconds,
+        build_audio_shards(src, local, sample_rate=cfg.audio.sample_rate, segment_seconds=d.segment_seconds,
                            shard_mb=d.shard_mb, valid_fraction=d.valid_fraction,
                            test_fraction=d.test_fraction, split_file=split_file, seed=d.seed,
                            workers=d.workers, progress=not args.quiet, force=args.force)
-    except (ConfigError, BuildError) as e:
+        if local != out:
+            done = copy_shard_set(local, out, progress=not args.quiet)
+            print(f"copied to {out}: {done['copied']} shard(s), {done['skipped']} already there "
+                  f"(the local copy stays in {local})")
+    except (ConfigError, BuildError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -56,9 +56,9 @@ of a shard by reading the n − 1 before it, its shuffle buffer cannot be checkp
 splitting by node/worker is by whole shards, which unbalances ranks when shards are few. So this
 module follows WebDataset's indexed design (``wids``): a shard is indexed once per process (tar
 member → byte offset, grouped into samples with WebDataset's own key/extension rule) and members
-are read with ``pread``. Shards that live behind a URL (``pipe:``, http/https, gs, … — anything
-``webdataset.gopen`` opens) are fetched once into a local cache with WebDataset's ``gopen`` and
-then read the same way, as ``wids`` does. (``wids`` is a separate package since ``webdataset``
+are read with ``pread``. Shards that live behind a URL (``s3://``, http(s), ``pipe:``, or anything
+else ``webdataset.gopen`` opens; see :mod:`largewave.data.storage`) are fetched once into a local
+cache, checked against the manifest's checksum, and then read the same way, as ``wids`` does. (``wids`` is a separate package since ``webdataset``
 1.0; the index needed here is a few lines over the standard ``tarfile``, and unlike ``wids`` it
 treats a truncated or garbled shard as corrupt samples rather than failing an assertion.)
 """
@@ -77,16 +77,15 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
-from urllib.parse import urlparse
 
 import numpy as np
 import soundfile as sf
 import torch
 import torch.utils.data
-from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from largewave.audio import mulaw_encode
+from largewave.data import storage
 from largewave.data.manifest import read_manifest
 
 log = logging.getLogger(__name__)
@@ -150,11 +149,11 @@ class CorruptSample(Exception):
 
 
 def _is_local(url: str) -> bool:
-    return url.startswith("file:") or not ("://" in url or url.startswith("pipe:"))
+    return storage.kind(url) == "local"
 
 
 def _local_path(url: str) -> str:
-    return urlparse(url).path if url.startswith("file:") else url
+    return storage.local_path(url)
 
 
 def _shard_location(template: str, name: str) -> str:
@@ -165,53 +164,106 @@ def _shard_location(template: str, name: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    """Where shards behind URLs are cached: ``$LARGEWAVE_SHARD_CACHE`` or ``~/.cache/largewave/shards``."""
+    """Where shards behind URLs are cached: ``$LARGEWAVE_SHARD_CACHE``, else ``shards/`` in the
+    cache folder (:func:`largewave.cache.cache_dir`). On a cluster, a node-local disk is best."""
+    from largewave.cache import cache_dir
+
     env = os.environ.get("LARGEWAVE_SHARD_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "largewave" / "shards"
+    return Path(env) if env else cache_dir() / "shards"
 
 
-def fetch_shard(url: str, name: str, cache_dir: Path, sha256: Optional[str] = None, retries: int = 3) -> str:
-    """Copy a remote shard (any URL ``webdataset.gopen`` opens) into ``cache_dir`` once and return
-    the local path.
+class ShardFetchError(Exception):
+    """A remote shard that cannot be fetched, or whose bytes disagree with the manifest on every try.
+    Not a corrupt sample: it stops the run (never caught as one, so it is no RuntimeError/OSError)."""
+
+
+def original_message(e: BaseException) -> str:
+    """The message of ``e`` without the traceback text that a DataLoader worker's re-raise wraps it
+    in ("Caught X in DataLoader worker process 0. Original Traceback …: X: <message>")."""
+    text = str(e)
+    if "Original Traceback" in text:
+        marker = f"{type(e).__name__}: "
+        if marker in text:
+            return text.rsplit(marker, 1)[1].strip()
+    return text
+
+
+def fetch_shard(url: str, name: str, cache_dir: Path, sha256: Optional[str] = None, retries: int = 3,
+                size: Optional[int] = None) -> str:
+    """Copy a remote shard (``s3://``, http(s), ``pipe:``, or any URL ``webdataset.gopen`` opens)
+    into ``cache_dir`` once and return the local path.
 
     The cache entry is named by the URL and the manifest's checksum, so a rebuilt set never reads
     a stale copy. Concurrent workers and ranks on one machine wait on a file lock instead of
-    fetching the same shard twice; the copy is written under a temporary name and renamed, so a
-    cached file is always whole. A copy whose checksum disagrees with the manifest is fetched
-    again; if it still disagrees it is used with a warning (its unreadable samples are then
-    skipped like any corrupt sample). Failing to fetch at all raises ``RuntimeError``.
+    fetching the same shard twice; the copy is checked against the manifest's sha256 (and size)
+    as it streams and renamed into place only when it matches, so a cached file is always the
+    shard the manifest describes. A cached file whose size no longer matches is fetched again. A
+    download that is truncated or corrupt is fetched again, up to ``retries`` times, each failure
+    logged.
+
+    Raises:
+        ShardFetchError: the shard could not be fetched, or its bytes disagreed with the manifest
+            on every try (the stored object is damaged: re-upload or rebuild the set). Training on
+            other bytes than the manifest's would break exact resume, so it never does.
     """
     digest = hashlib.sha1(f"{url}\n{sha256}".encode()).hexdigest()[:16]
     dest = Path(cache_dir) / digest / name
-    if dest.exists():
+
+    def cached() -> bool:
+        if not dest.exists():
+            return False
+        if size is not None and dest.stat().st_size != size:
+            log.warning("%s: the cached copy %s has %d bytes, the manifest says %d; fetching it again",
+                        url, dest, dest.stat().st_size, size)
+            dest.unlink(missing_ok=True)
+            return False
+        return True
+
+    if cached():
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(str(dest) + ".lock", "w") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        if dest.exists():
+        if cached():
             return str(dest)
         tmp = dest.with_name(f"{name}.{os.getpid()}.tmp")
-        last: Optional[BaseException] = None
+        problems: list[str] = []
         for attempt in range(retries):
+            if attempt:
+                time.sleep(0.5 * 2 ** (attempt - 1))
             try:
                 h = hashlib.sha256()
-                with gopen(url, "rb") as src, open(tmp, "wb") as dst:
+                n = 0
+                with storage.open_url(url) as src, open(tmp, "wb") as dst:
                     while block := src.read(1 << 22):
                         h.update(block)
                         dst.write(block)
-            except Exception as e:  # network and pipe failures: retry, then report
-                last = e
+                        n += len(block)
+            except storage.NotFound as e:
                 tmp.unlink(missing_ok=True)
-                time.sleep(0.5 * 2 ** attempt)
+                raise ShardFetchError(f"shard {name} is listed in the manifest but {e}: the set is incomplete "
+                                      "or was moved") from None
+            except Exception as e:  # network and pipe failures: retry, then report
+                problems.append(f"try {attempt + 1}: {type(e).__name__}: {e}")
+                log.warning("%s: fetch failed (%s); %s", url, e,
+                            "trying again" if attempt + 1 < retries else "giving up")
+                tmp.unlink(missing_ok=True)
                 continue
-            if sha256 is None or h.hexdigest() == sha256 or attempt == retries - 1:
-                if sha256 is not None and h.hexdigest() != sha256:
-                    log.warning("%s: checksum differs from the manifest after %d tries; using it anyway",
-                                url, retries)
+            bad = []
+            if size is not None and n != size:
+                bad.append(f"{n} bytes, the manifest says {size}")
+            if sha256 is not None and h.hexdigest() != sha256:
+                bad.append(f"sha256 {h.hexdigest()[:16]}…, the manifest says {sha256[:16]}…")
+            if not bad:
                 os.replace(tmp, dest)
                 return str(dest)
-            last = OSError("checksum differs from the manifest")
-        raise RuntimeError(f"cannot fetch shard {url} into {dest.parent} after {retries} tries: {last}")
+            tmp.unlink(missing_ok=True)
+            problems.append(f"try {attempt + 1}: " + "; ".join(bad))
+            log.warning("%s: downloaded copy is damaged (%s); %s", url, "; ".join(bad),
+                        "fetching it again" if attempt + 1 < retries else "giving up")
+        raise ShardFetchError(f"shard {url} could not be fetched intact in {retries} tries ("
+                              + " | ".join(problems) + "). If every try disagrees with the manifest the "
+                              "stored object is damaged: copy the set there again (shards/copy_set.py) or rebuild it")
 
 
 def index_tar(path: str) -> dict[str, dict[str, tuple[int, int]]]:
@@ -264,6 +316,7 @@ class ShardSamples:
         self.urls: list[str] = [s.url if shard_url is None else _shard_location(shard_url, s.name) for s in shards]
         self.names: list[str] = [s.name for s in shards]
         self.sha256: list[Optional[str]] = [s.sha256 for s in shards]
+        self.sizes: list[Optional[int]] = [s.bytes for s in shards]
         self.keys: list[str] = [k for s in shards for k in s.keys]
         self.lengths = np.array([n for s in shards for n in s.lengths], dtype=np.int64)
         self.shard_of = np.repeat(np.arange(len(shards), dtype=np.int64), [len(s.keys) for s in shards])
@@ -310,7 +363,8 @@ class ShardSamples:
             url = self.urls[s]
             try:
                 path = (_local_path(url) if _is_local(url)
-                        else fetch_shard(url, self.names[s], self.cache_dir, self.sha256[s]))
+                        else fetch_shard(url, self.names[s], self.cache_dir, self.sha256[s],
+                                         size=self.sizes[s]))
                 self._indexes[s] = (path, index_tar(path))
             except FileNotFoundError:
                 raise FileNotFoundError(f"shard {url} listed in {self.root}/manifest.json does not exist") from None
@@ -396,7 +450,7 @@ class ShardSamples:
                         if len(pcm) != crop:
                             raise CorruptSample(f"{key}.flac: {len(pcm)} frames at {off}, expected {crop}")
                         out[j] = table[pcm.view(np.uint16) ^ 0x8000]  # int16 → 0..65535
-            except CorruptSample:
+            except (CorruptSample, ShardFetchError):
                 raise
             except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError) as e:
                 raise CorruptSample(f"{key}.flac: {type(e).__name__}: {e}") from None

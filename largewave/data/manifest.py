@@ -8,10 +8,10 @@ without a manifest is incomplete (a build was interrupted) and is refused.
     m.urls("train")                              # what WebDataset opens, one per shard
     m.samples("train"), m.hours["train"]
 
-Roots may be local folders or http(s) URL prefixes (the shards of an http root are then
-streamed by WebDataset). Other WebDataset sources (``pipe:`` commands, e.g. ``pipe:aws s3 cp
-s3://bucket/set/{name} -``) have no standard way to fetch a manifest: read it from a local
-copy or an http mirror and give the shard URLs to the loader directly.
+Roots may be local folders, ``s3://bucket/prefix``, http(s) URL prefixes or ``pipe:`` commands
+with ``{name}`` (see :mod:`largewave.data.storage`); the manifest is read from ``root/manifest.json``
+(for a ``pipe:`` root, the command with ``{name}`` = ``manifest.json``) and the shard URLs are
+resolved the same way. Manifests are written to local folders and s3:// prefixes.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import hashlib
 import json
 import os
 import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
+
+from largewave.data import storage
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "largewave-shards"
@@ -117,11 +117,11 @@ class Manifest:
 
 
 def _is_url(root: str) -> bool:
-    return "://" in root or root.startswith("pipe:")
+    return storage.is_remote(root)
 
 
 def _join(root: str, name: str) -> str:
-    return root.rstrip("/") + "/" + name if _is_url(root) else str(Path(root) / name)
+    return storage.open_store(root).url(name)
 
 
 def sha256_file(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
@@ -133,26 +133,29 @@ def sha256_file(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
 
 
 def _fetch(root: str) -> str:
-    """The text of ``root``'s manifest, local or http(s)."""
-    if root.startswith("pipe:"):
-        raise ManifestError(f"{root}: cannot read a manifest through a pipe: URL; "
-                            "read it from a local copy or an http(s) mirror")
-    if root.startswith("file://"):
-        root = root[len("file://"):]
-    if _is_url(root):
-        if not root.startswith(("http://", "https://")):
-            raise ManifestError(f"{root}: only local folders and http(s) URLs are supported for manifests")
-        url = _join(root, MANIFEST_NAME)
+    """The text of ``root``'s manifest, from wherever the set lives."""
+    if storage.kind(root) != "local":
         try:
-            with urllib.request.urlopen(url, timeout=60) as r:
-                return r.read().decode("utf-8")
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                raise ManifestError(f"incomplete shard set: {url} not found (HTTP 404); "
-                                    "the build did not finish or this is not a shard set") from None
-            raise ManifestError(f"{url}: HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise ManifestError(f"{url}: cannot fetch ({getattr(e, 'reason', e)})") from None
+            store = storage.open_store(root)
+            return store.read_bytes(MANIFEST_NAME).decode("utf-8")
+        except storage.NotFound:
+            url = _join(root, MANIFEST_NAME)
+            names = None
+            try:
+                names = store.names()
+            except storage.StorageError:
+                pass
+            hint = ("" if names is None else
+                    f" ({sum(n.endswith('.tar') for n in names)} shard(s) there but no {MANIFEST_NAME}: the "
+                    "build or the copy did not finish)" if any(n.endswith(".tar") for n in names) else
+                    " (nothing there)")
+            raise ManifestError(f"incomplete shard set: {url} not found{hint}; "
+                                "the build did not finish or this is not a shard set") from None
+        except storage.StorageError as e:
+            raise ManifestError(str(e)) from None
+        except UnicodeDecodeError:
+            raise ManifestError(f"{_join(root, MANIFEST_NAME)}: not text") from None
+    root = storage.local_path(root)
     p = Path(root)
     if not p.exists():
         raise ManifestError(f"shard set not found: {root} does not exist")
@@ -222,36 +225,106 @@ def read_manifest(root: Union[str, os.PathLike]) -> Manifest:
     return parse_manifest(root, raw)
 
 
-def write_manifest(root: Union[str, os.PathLike], manifest: Union[dict[str, Any], Manifest]) -> Path:
-    """Write ``manifest.json`` into the local folder ``root`` atomically (temp file + rename).
+def write_manifest(root: Union[str, os.PathLike], manifest: Union[dict[str, Any], Manifest]) -> str:
+    """Write ``manifest.json`` into ``root`` atomically: a local folder (temp file + rename) or an
+    ``s3://`` prefix (one PUT). Other kinds of location are read-only.
 
     ``manifest`` is the dict of the documented format (``format`` and ``version`` are filled in
     when absent) or a :class:`Manifest`. It is validated before anything is written, so an
-    invalid manifest never replaces a good one. Returns the manifest's path.
+    invalid manifest never replaces a good one. Returns where the manifest went.
     """
     root = os.fspath(root)
-    if _is_url(root):
-        raise ManifestError(f"{root}: manifests are written to local folders; copy the finished "
-                            "set to remote storage afterwards")
     d = manifest.to_dict() if isinstance(manifest, Manifest) else dict(manifest)
     d.setdefault("format", FORMAT)
     d.setdefault("version", VERSION)
     for split in SPLITS:
         d.setdefault("splits", {}).setdefault(split, [])
     parse_manifest(root, d)  # refuse to write what read_manifest would refuse
-    folder = Path(root)
-    folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(d, indent=1, sort_keys=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=folder)
+    store = storage.open_store(root)
+    if not store.writable:
+        raise ManifestError(f"{root}: a {storage.kind(root)} location is read-only; write the set to a local "
+                            "folder or an s3:// prefix")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, folder / MANIFEST_NAME)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return folder / MANIFEST_NAME
+        store.put_bytes(MANIFEST_NAME, text.encode("utf-8"))
+    except storage.StorageError as e:
+        raise ManifestError(f"writing {store.url(MANIFEST_NAME)}: {e}") from None
+    return store.url(MANIFEST_NAME)
+
+
+def copy_shard_set(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *, progress: bool = True,
+                   tmp_dir: Optional[Union[str, os.PathLike]] = None) -> dict[str, int]:
+    """Copy a complete shard set from ``src`` to ``dst`` (any readable location to a local folder
+    or an ``s3://`` prefix), verifying every shard against the source manifest on the way.
+
+    The destination's manifest is removed first and written last, so a half-copied set reads as
+    incomplete; shards already at the destination with the manifest's checksum are skipped, so an
+    interrupted copy is resumed by running it again. Returns ``{"copied": n, "skipped": m, "bytes": b}``.
+
+    Raises:
+        ManifestError: the source is incomplete or unreadable, a source shard disagrees with its
+            manifest (named), or the destination cannot be written.
+    """
+    import hashlib as _hashlib
+
+    src, dst = os.fspath(src), os.fspath(dst)
+    m = read_manifest(src)
+    out = storage.open_store(dst)
+    if not out.writable:
+        raise ManifestError(f"{dst}: a {storage.kind(dst)} location is read-only; copy to a local folder or "
+                            "an s3:// prefix")
+    shards = [s for split in m.splits.values() for s in split]
+    done = {"copied": 0, "skipped": 0, "bytes": 0}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(s.bytes for s in shards), unit="B", unit_scale=True, desc=f"copy → {dst}",
+                   dynamic_ncols=True)
+    tmp_root = Path(tmp_dir) if tmp_dir is not None else Path(tempfile.gettempdir())
+    try:
+        try:
+            theirs = out.read_bytes(MANIFEST_NAME)
+            if json.loads(theirs) == m.to_dict():
+                if bar:
+                    bar.update(bar.total)
+                done["skipped"] = len(shards)
+                return done
+            out.delete(MANIFEST_NAME)  # incomplete until the copy finishes
+        except storage.NotFound:
+            pass
+        except ValueError:
+            out.delete(MANIFEST_NAME)
+        for s in shards:
+            if out.size(s.name) == s.bytes and out.checksum(s.name) == s.sha256:
+                done["skipped"] += 1
+                if bar:
+                    bar.update(s.bytes)
+                continue
+            fd, tmp = tempfile.mkstemp(prefix=f".{s.name}.", suffix=".tmp", dir=tmp_root)
+            try:
+                h = _hashlib.sha256()
+                n = 0
+                with storage.open_url(s.url) as f, os.fdopen(fd, "wb") as w:
+                    while block := f.read(1 << 22):
+                        h.update(block)
+                        w.write(block)
+                        n += len(block)
+                        if bar:
+                            bar.update(len(block))
+                if n != s.bytes or h.hexdigest() != s.sha256:
+                    raise ManifestError(f"{s.url}: {n} bytes with sha256 {h.hexdigest()[:16]}…, the manifest says "
+                                        f"{s.bytes} bytes, {s.sha256[:16]}…: the source set is damaged; rebuild it")
+                out.put_file(s.name, tmp, sha256=s.sha256)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            done["copied"] += 1
+            done["bytes"] += s.bytes
+        write_manifest(dst, m.to_dict())
+    except storage.StorageError as e:
+        raise ManifestError(f"copying {src} → {dst}: {e}") from None
+    finally:
+        if bar:
+            bar.close()
+    return done
