@@ -88,6 +88,8 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     return rows
 
 
+HISTOGRAM_BINS = 512  # wandb.Histogram refuses more
+
 class WandbLogger:
     """Rank-0 W&B run. On other ranks (or with mode ``disabled``) every method is a no-op."""
 
@@ -164,10 +166,20 @@ class WandbLogger:
         return wandb.Image(str(png_path), caption=caption)
 
     def histogram(self, counts: np.ndarray):
+        """Per-index counts (e.g. code usage) as a wandb.Histogram; more than 512 indices (K = 2048
+        codes) are summed into 512 equal groups, the edges keeping the index scale."""
         import wandb
 
         counts = np.asarray(counts, dtype=np.float64)
-        edges = np.arange(len(counts) + 1, dtype=np.float64)
+        n = len(counts)
+        if n > HISTOGRAM_BINS:
+            group = -(-n // HISTOGRAM_BINS)
+            padded = np.zeros(group * -(-n // group))
+            padded[:n] = counts
+            counts = padded.reshape(-1, group).sum(1)
+            edges = np.minimum(np.arange(len(counts) + 1, dtype=np.float64) * group, n)
+        else:
+            edges = np.arange(n + 1, dtype=np.float64)
         return wandb.Histogram(np_histogram=(counts, edges))
 
     def finish(self) -> None:
