@@ -11,9 +11,11 @@ setup(
     install_requires=[
         # A range that the CPU wheel 2.13.0 satisfies; install torch==2.13.0 first (see README).
         "torch>=2.4,<2.15",
-        "deepspeed>=0.16",
-        "webdataset>=0.2.100",
-        "wandb>=0.17",
+        # upper bounds: the next major/minor releases are untested; constraints.txt has the tested set
+        "deepspeed>=0.16,<0.20",
+        "webdataset>=0.2.100,<1.1",
+        "wandb>=0.19,<0.32",  # 0.19: the x_disable_stats setting the code passes
+        "boto3>=1.28",  # s3:// shard sets
         "submitit>=1.5",
         "soundfile>=0.12",
         "soxr>=0.3",
@@ -23,7 +25,8 @@ setup(
         "pillow>=9",  # spectrogram images for W&B
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout>=2.1", "pytest-random-order>=1.1"],
+        "dev": ["pytest>=7", "pytest-timeout>=2.1", "pytest-random-order>=1.1",
+                "moto[server]>=5.0"],  # a real S3-compatible server on loopback for the storage tests
         # bench/sampling.py's public baseline; install it with --no-deps (it needs only torch + numpy):
         #   pip install --no-deps wavenet-vocoder==0.1.1
     },
