@@ -197,11 +197,9 @@ def _remove_abandoned(out: Path, name: str) -> None:
 def _store_json(store, name: str) -> Optional[dict]:
     try:
         d = json.loads(store.read_bytes(name))
-        return d if isinstance(d, dict) else None
-    except storage.NotFound:
+    except (storage.NotFound, ValueError):
         return None
-    except ValueError:
-        return None
+    return d if isinstance(d, dict) else None
 
 
 def _receipt_ok(store, shard, fingerprint: str) -> Optional[dict]:

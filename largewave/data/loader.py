@@ -148,14 +148,6 @@ class CorruptSample(Exception):
 # --------------------------------------------------------------------------------------------
 
 
-def _is_local(url: str) -> bool:
-    return storage.kind(url) == "local"
-
-
-def _local_path(url: str) -> str:
-    return storage.local_path(url)
-
-
 def _shard_location(template: str, name: str) -> str:
     """``template`` with ``{name}`` replaced by the shard's file name, or ``template/name``."""
     if "{name}" in template:
@@ -232,13 +224,7 @@ def fetch_shard(url: str, name: str, cache_dir: Path, sha256: Optional[str] = No
             if attempt:
                 time.sleep(0.5 * 2 ** (attempt - 1))
             try:
-                h = hashlib.sha256()
-                n = 0
-                with storage.open_url(url) as src, open(tmp, "wb") as dst:
-                    while block := src.read(1 << 22):
-                        h.update(block)
-                        dst.write(block)
-                        n += len(block)
+                n, digest_got = storage.download(url, tmp)
             except storage.NotFound as e:
                 tmp.unlink(missing_ok=True)
                 raise ShardFetchError(f"shard {name} is listed in the manifest but {e}: the set is incomplete "
@@ -252,8 +238,8 @@ def fetch_shard(url: str, name: str, cache_dir: Path, sha256: Optional[str] = No
             bad = []
             if size is not None and n != size:
                 bad.append(f"{n} bytes, the manifest says {size}")
-            if sha256 is not None and h.hexdigest() != sha256:
-                bad.append(f"sha256 {h.hexdigest()[:16]}…, the manifest says {sha256[:16]}…")
+            if sha256 is not None and digest_got != sha256:
+                bad.append(f"sha256 {digest_got[:16]}…, the manifest says {sha256[:16]}…")
             if not bad:
                 os.replace(tmp, dest)
                 return str(dest)
@@ -362,7 +348,7 @@ class ShardSamples:
         if s not in self._indexes:
             url = self.urls[s]
             try:
-                path = (_local_path(url) if _is_local(url)
+                path = (storage.local_path(url) if storage.kind(url) == "local"
                         else fetch_shard(url, self.names[s], self.cache_dir, self.sha256[s],
                                          size=self.sizes[s]))
                 self._indexes[s] = (path, index_tar(path))

@@ -180,10 +180,11 @@ def parse_manifest(root: str, raw: dict[str, Any]) -> Manifest:
     kind = raw.get("kind")
     if kind not in ("audio", "codes"):
         raise ManifestError(f"{where}: kind must be 'audio' or 'codes', got {kind!r}")
+    store = storage.open_store(root)
     try:
         splits: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
         for split, shards in raw["splits"].items():
-            splits[split] = [ShardInfo(name=s["name"], url=_join(root, s["name"]), sha256=s["sha256"],
+            splits[split] = [ShardInfo(name=s["name"], url=store.url(s["name"]), sha256=s["sha256"],
                                        bytes=int(s["bytes"]), samples=int(s["samples"]),
                                        keys=list(s["keys"]), lengths=[int(n) for n in s["lengths"]],
                                        seconds=float(s["seconds"]))
@@ -265,8 +266,6 @@ def copy_shard_set(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *
         ManifestError: the source is incomplete or unreadable, a source shard disagrees with its
             manifest (named), or the destination cannot be written.
     """
-    import hashlib as _hashlib
-
     src, dst = os.fspath(src), os.fspath(dst)
     m = read_manifest(src)
     out = storage.open_store(dst)
@@ -302,18 +301,11 @@ def copy_shard_set(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *
                     bar.update(s.bytes)
                 continue
             fd, tmp = tempfile.mkstemp(prefix=f".{s.name}.", suffix=".tmp", dir=tmp_root)
+            os.close(fd)
             try:
-                h = _hashlib.sha256()
-                n = 0
-                with storage.open_url(s.url) as f, os.fdopen(fd, "wb") as w:
-                    while block := f.read(1 << 22):
-                        h.update(block)
-                        w.write(block)
-                        n += len(block)
-                        if bar:
-                            bar.update(len(block))
-                if n != s.bytes or h.hexdigest() != s.sha256:
-                    raise ManifestError(f"{s.url}: {n} bytes with sha256 {h.hexdigest()[:16]}…, the manifest says "
+                n, digest = storage.download(s.url, tmp, progress=bar.update if bar else None)
+                if n != s.bytes or digest != s.sha256:
+                    raise ManifestError(f"{s.url}: {n} bytes with sha256 {digest[:16]}…, the manifest says "
                                         f"{s.bytes} bytes, {s.sha256[:16]}…: the source set is damaged; rebuild it")
                 out.put_file(s.name, tmp, sha256=s.sha256)
             finally:

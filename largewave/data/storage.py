@@ -214,6 +214,23 @@ def open_url(url: str) -> Iterator[IO[bytes]]:
             yield f
 
 
+def download(url: str, dest: str | os.PathLike, progress=None) -> tuple[int, str]:
+    """Stream the object at ``url`` into the file ``dest``; returns (bytes, sha256 hex digest).
+    ``progress``, when given, is called with the size of each block written."""
+    import hashlib
+
+    h = hashlib.sha256()
+    n = 0
+    with open_url(url) as src, open(dest, "wb") as out:
+        while block := src.read(1 << 22):
+            h.update(block)
+            out.write(block)
+            n += len(block)
+            if progress is not None:
+                progress(len(block))
+    return n, h.hexdigest()
+
+
 def read_url(url: str) -> bytes:
     """The whole object at ``url`` (for small ones: manifests, receipts)."""
     try:
