@@ -4,9 +4,14 @@ setup(
     name="largewave",
     version="0.1.0",
     description="Train stacked autoregressive discrete autoencoders on raw audio at cluster scale",
-    packages=find_packages(include=["largewave", "largewave.*"]),
-    # the fused generation step's C source, compiled on first use (largewave/models/fast_step.py)
-    package_data={"largewave": ["models/kernels/*.c"]},
+    packages=[*find_packages(include=["largewave", "largewave.*"]), "largewave.configs"],
+    # the shipped stack configs: the checkout's configs/ installed as largewave/configs/
+    package_dir={"largewave.configs": "configs"},
+    package_data={
+        "largewave": ["models/kernels/*.c"],  # the fused generation step's C source, compiled on first use
+        "largewave.configs": ["*.yaml"],
+    },
+    entry_points={"console_scripts": ["largewave = largewave.cli:main"]},
     python_requires=">=3.10",
     install_requires=[
         # A range that the CPU wheel 2.13.0 satisfies; install torch==2.13.0 first (see README).

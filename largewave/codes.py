@@ -2,7 +2,7 @@
 
     precompute_codes(cfg, "level1")                               # all shards, this process
     precompute_codes(cfg, "level1", task_index=3, task_count=8)   # array task 3 of 8
-    python shards/build_codes.py --config demo --level 1          # the same from a shell
+    largewave codes --stack demo --level 1          # the same from a shell
 
 Reads the level's consolidated export (no DeepSpeed) and writes a code set with the same shard
 names and the same keys in the same order: ``{key}.codes.npy`` (1-D, the smallest unsigned dtype
@@ -305,7 +305,7 @@ def precompute_codes(cfg: StackConfig, level: str, task_index: int = 0, task_cou
     try:
         src = read_manifest(src_root)
     except ManifestError as e:
-        hint = ("build the audio shards first (python shards/build_audio.py --config "
+        hint = ("build the audio shards first (largewave shards build --stack "
                 f"{cfg.stack})" if below is None else f"compute them first ({stack.codes_command(cfg, below)})")
         raise CodesError(f"{level} encodes {src_root}, which is not ready: {e}; {hint}") from None
     want_kind = "audio" if below is None else "codes"

@@ -25,8 +25,17 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when running from one
+
+
+def _config_dir() -> Path:
+    """The shipped stack configs: ``largewave/configs/`` once installed (package data built from
+    the checkout's ``configs/``), the checkout's ``configs/`` when running from one."""
+    installed = Path(__file__).resolve().parent / "configs"
+    return installed if installed.is_dir() else REPO_ROOT / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 class ConfigError(ValueError):
@@ -124,7 +133,7 @@ class AudioConfig:
 
 @dataclass
 class DataConfig:
-    # Where recordings come from: "demo" renders solo piano from MIDI (see shards/render_piano.py),
+    # Where recordings come from: "demo" renders solo piano from MIDI (see largewave shards render),
     # anything else is a folder (searched recursively) of wav/flac/ogg/mp3/... files.
     source: str = "demo"
     demo_minutes: float = 20.0  # minutes of piano the demo corpus renders
@@ -353,7 +362,7 @@ class LevelConfig:
 
 @dataclass
 class LevelGate:
-    """Floors one level must reach in the quality summary (``launch/demo.py``; exit 1 when one is
+    """Floors one level must reach in the quality summary (``largewave demo``; exit 1 when one is
     missed). Unset floors are not checked. Figures as defined in :mod:`largewave.quality`."""
 
     gap_bits: Optional[float] = None  # the uses-the-codes gap (bits/token) must exceed this

@@ -79,7 +79,7 @@ def checks() -> list[tuple[str, str, str]]:
         add("ok" if code == 0 else "--", "Slurm", f"controller answers: {out.splitlines()[0] if out else ''}"
             if code == 0 else "client tools present, no controller answers: jobs run on this machine")
     else:
-        add("--", "Slurm", "no client tools: launch/slurm.py runs jobs on this machine (local executor)")
+        add("--", "Slurm", "no client tools: largewave launch runs jobs on this machine (local executor)")
     fs = shutil.which("fluidsynth")
     sf2 = [p for p in ("/usr/share/sounds/sf2/MuseScore_General.sf2", "/usr/share/sounds/sf3/MuseScore_General.sf3",
                        "/usr/share/sounds/sf2/FluidR3_GM.sf2") if Path(p).exists()]
@@ -103,10 +103,10 @@ def checks() -> list[tuple[str, str, str]]:
     return rows
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str | None = None) -> int:
     import argparse
 
-    argparse.ArgumentParser(prog="python -m largewave.doctor", description=__doc__.split("\n\n")[0]).parse_args(argv)
+    argparse.ArgumentParser(prog=prog or "python -m largewave.doctor", description=__doc__.split("\n\n")[0]).parse_args(argv)
     rows = checks()
     width = max(len(w) for _, w, _ in rows)
     for status, what, detail in rows:

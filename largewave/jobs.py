@@ -117,10 +117,10 @@ class ShardsJob:
     overrides: list[str] = field(default_factory=list)
 
     def __call__(self):
-        from largewave.config import REPO_ROOT
+        from largewave.cli import child_env, python_command
 
-        cmd = [sys.executable, str(REPO_ROOT / "shards" / "build_audio.py"), "--config", self.config, *self.overrides]
-        r = subprocess.run(cmd, cwd=os.getcwd())
+        cmd = [*python_command("shards", "build"), "--stack", self.config, *self.overrides]
+        r = subprocess.run(cmd, cwd=os.getcwd(), env=child_env())
         if r.returncode != 0:
             raise RuntimeError(f"building the audio shards failed (exit {r.returncode}): see the output above")
         return "audio shards ready"

@@ -169,7 +169,7 @@ def submit(plan_steps: list[Step], cfg: StackConfig, config: str, overrides: lis
             if rc != 0:
                 return rc, timings
     if cluster == "slurm" and not wait:
-        print(f"\nfollow with: python launch/slurm.py --stack {config} --status")
+        print(f"\nfollow with: largewave launch --stack {config} --status")
     return 0, timings
 
 
@@ -255,4 +255,4 @@ def cancel_jobs(cfg: StackConfig, job_id: Optional[str]) -> int:
 
 
 def resubmit_hint(config: str, overrides: list[str], level: str) -> str:
-    return shlex.join(["python", "launch/slurm.py", "--stack", config, "--level", level, *overrides])
+    return shlex.join(["largewave", "launch", "--stack", config, "--level", level, *overrides])

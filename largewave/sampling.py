@@ -15,11 +15,11 @@ For notebooks::
     r = s.reconstruct(wave)                     # r.waves["level1"], r.waves["level2"]: what each level keeps
     codes = s.encode(wave)                      # {"audio": mu-law [N], "level1": [N/8], "level2": [N/64]}
 
-From a shell (see ``launch/sample.py``)::
+From a shell (see ``largewave sample --help``)::
 
-    python launch/sample.py --config demo --seconds 4 --count 2
-    python launch/sample.py --config demo --reconstruct recording.wav
-    python launch/sample.py --config demo --prompt opening.wav --seconds 8
+    largewave sample --stack demo --seconds 4 --count 2
+    largewave sample --stack demo --reconstruct recording.wav
+    largewave sample --stack demo --prompt opening.wav --seconds 8
 
 :func:`sample_stack`, :func:`reconstruct_stack` and :func:`continue_stack` write WAV files to
 ``runs/<stack>/samples/<time>-seed<seed>/`` (and to W&B when a run is active), print a summary

@@ -97,17 +97,17 @@ def _config_arg(cfg: StackConfig) -> str:
 def train_command(cfg: StackConfig, level: str) -> str:
     """The command that trains ``level`` of this stack (for error messages)."""
     key = _level_key(level)
-    return f"python launch/train.py --stack {_config_arg(cfg)} --level {key.removeprefix('level')}"
+    return f"largewave train --stack {_config_arg(cfg)} --level {key.removeprefix('level')}"
 
 
 def shards_command(cfg: StackConfig) -> str:
     """The command that builds this stack's audio shards (for error messages)."""
-    return f"python shards/build_audio.py --config {_config_arg(cfg)}"
+    return f"largewave shards build --stack {_config_arg(cfg)}"
 
 
 def codes_command(cfg: StackConfig, level: str) -> str:
     """The command that (re)computes ``level``'s codes (for error messages)."""
-    return f"python shards/build_codes.py --config {_config_arg(cfg)} --level {_level_key(level).removeprefix('level')}"
+    return f"largewave codes --stack {_config_arg(cfg)} --level {_level_key(level).removeprefix('level')}"
 
 
 def encoder_fingerprint(payload: dict[str, Any], input_fingerprint: Optional[str]) -> str:

@@ -244,7 +244,7 @@ def test_fingerprint_mismatch_is_refused(built):
     with pytest.raises(FingerprintError) as e:
         stack.check_codes(cfg, "level2")
     msg = str(e.value)
-    assert good in msg and new in msg and "manifest.json" in msg and "build_codes.py" in msg
+    assert good in msg and new in msg and "manifest.json" in msg and "largewave codes" in msg
     export_untrained(cfg, "level2")
     with pytest.raises(FingerprintError):  # level-2 codes are not made from stale level-1 codes
         precompute_codes(cfg, "level2", progress=False, log=None)
@@ -296,14 +296,14 @@ def test_a_shard_with_foreign_codes_is_named(built):
 @pytest.mark.timeout(60)
 def test_clear_errors_without_export_or_input(tmp_path):
     cfg = tiny_stack(tmp_path)
-    with pytest.raises(CodesError, match=r"level1 has no export .*launch/train.py --stack <config> stack=tiny … --level 1"):
+    with pytest.raises(CodesError, match=r"level1 has no export .*largewave train --stack <config> stack=tiny … --level 1"):
         precompute_codes(cfg, "level1", progress=False, log=None)
     export_untrained(cfg, "level1")
-    with pytest.raises(CodesError, match=r"build_audio.py"):
+    with pytest.raises(CodesError, match=r"largewave shards build"):
         precompute_codes(cfg, "level1", progress=False, log=None)
     with pytest.raises(CodesError, match=r"prior level: it makes no discrete codes"):
         precompute_codes(cfg, "prior", progress=False, log=None)
-    with pytest.raises(CodesNotReady, match=r"codes of level1, which are not ready.*build_codes.py --config <config> stack=tiny … --level 1"):
+    with pytest.raises(CodesNotReady, match=r"codes of level1, which are not ready.*largewave codes --stack <config> stack=tiny … --level 1"):
         stack.check_codes(cfg, "level2")
     # both refusals stop a command line like a bad config does (exit 2, nothing started)
     assert issubclass(CodesNotReady, ConfigError) and issubclass(FingerprintError, ConfigError)

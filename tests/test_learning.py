@@ -13,14 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from largewave import quality
+from largewave.cli.demo import RANKS, SMOKE_OVERRIDES
+from largewave.config import LevelGate, load_config
+from largewave.report import Report, _floor_checks, stack_report
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "launch"))
-
-from demo import RANKS, SMOKE_OVERRIDES  # noqa: E402
-
-from largewave import quality  # noqa: E402
-from largewave.config import LevelGate, load_config  # noqa: E402
-from largewave.report import Report, _floor_checks, stack_report  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -181,7 +181,7 @@ def test_load_from_run_folders_and_clear_errors(tiny, loaded, tmp_path):
     export_untrained(partial, "level1")
     export_untrained(partial, "level2")
     s = Stack.load(partial)
-    with pytest.raises(StackError, match=r"prior of stack tiny has no export .*launch/train.py --stack <config> stack=tiny … --level prior"):
+    with pytest.raises(StackError, match=r"prior of stack tiny has no export .*largewave train --stack <config> stack=tiny … --level prior"):
         s.sample(0.01)
     assert set(s.reconstruct(np.zeros(64, np.float32)).waves) == {"level1", "level2"}
 
@@ -210,7 +210,7 @@ def test_command_line(tiny, tmp_path):
     assert sr == SR and w.shape == (800,)
     r = subprocess.run([sys.executable, str(REPO / "launch" / "sample.py"), "--config", "demo", "--seconds", "1",
                         f"run.root={tmp_path / 'empty'}"], capture_output=True, text=True, timeout=100)
-    assert r.returncode == 2 and "has no export" in r.stderr and "launch/train.py" in r.stderr
+    assert r.returncode == 2 and "has no export" in r.stderr and "largewave train" in r.stderr
 
 
 @pytest.mark.slow

@@ -249,7 +249,7 @@ def fetch_shard(url: str, name: str, cache_dir: Path, sha256: Optional[str] = No
                         "fetching it again" if attempt + 1 < retries else "giving up")
         raise ShardFetchError(f"shard {url} could not be fetched intact in {retries} tries ("
                               + " | ".join(problems) + "). If every try disagrees with the manifest the "
-                              "stored object is damaged: copy the set there again (shards/copy_set.py) or rebuild it")
+                              "stored object is damaged: copy the set there again (largewave shards copy) or rebuild it")
 
 
 def index_tar(path: str) -> dict[str, dict[str, tuple[int, int]]]:

@@ -402,7 +402,7 @@ def build_audio_shards(
     out = Path(out_dir)
     if "://" in str(out_dir) or str(out_dir).startswith("pipe:"):
         raise BuildError(f"{out_dir}: the builder writes to a local folder; build there (--out DIR), copy it "
-                         f"with python shards/copy_set.py DIR {out_dir}, then train with data.shards={out_dir}")
+                         f"with largewave shards copy DIR {out_dir}, then train with data.shards={out_dir}")
     if not root.exists():
         raise BuildError(f"input folder not found: {root}")
     if not root.is_dir():

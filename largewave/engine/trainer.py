@@ -4,7 +4,7 @@ The loop (:meth:`Trainer.run`) reads as a table of contents: set up → resume f
 complete checkpoint, if any → loop (stop request? step, log, evaluate, sample, save) → final
 checkpoint and export.
 
-Exit protocol (what ``launch/train.py`` returns to the shell / the cluster launcher):
+Exit protocol (what ``largewave train`` returns to the shell / the cluster launcher):
 
 ``0``  :data:`EXIT_OK` — all ``train.steps`` done; the final checkpoint and ``export.pt`` exist.
 ``2``  :data:`EXIT_CONFIG` — the config or the data cannot be used (nothing started).
