@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# W&B's system-metrics sampler (on for users) is off in the tests, here and in every process they
+# start: it only costs time on 2 cores.
+os.environ.setdefault("WANDB_X_DISABLE_STATS", "true")
+
 # The only reasons a test may skip when CI=true: the machine itself rules the test out. Any other
 # skip (a missing program, package, cache or service) fails the run there, so that a skipped test
 # cannot hide a missing install step. Skip through ``skip_because(name, detail)``.

@@ -376,23 +376,41 @@ def test_one_rank_zero1_trains_logs_to_wandb_and_exports(data, tmp_path):
     seg = run / "snapshot" / "segment-000"
     assert {"command.txt", "git.txt", "git.diff", "pip-freeze.txt"} <= {p.name for p in seg.iterdir()}
 
-    # The offline W&B run holds the metric keys and audio.
-    from largewave.engine.wandb_log import offline_runs, read_offline_run
+    # metrics.jsonl holds every scalar by step; the offline W&B run has the same run id and audio.
+    from largewave.engine.wandb_log import BEST, read_metrics
 
-    (folder,) = offline_runs(run)
-    rec = read_offline_run(folder)
-    assert rec["run_id"] == (run / "wandb" / "run_id").read_text().strip()
-    keys = set().union(*(row.keys() for row in rec["history"]))
+    (folder,) = (run / "wandb").glob("offline-run-*")
+    run_id = (run / "wandb" / "run_id").read_text().strip()
+    assert folder.name.endswith(f"-{run_id}") and (folder / f"run-{run_id}.wandb").stat().st_size > 0
+    rows = read_metrics(run / "metrics.jsonl")
+    keys = set().union(*(row.keys() for row in rows))
     for k in ("loss", "loss/nll", "loss/diversity", "train/bits_per_token", "lr", "grad_norm",
               "perf/tokens_per_s_per_rank", "perf/audio_s_per_s_per_rank", "perf/step_time_s",
               "perf/data_wait_fraction", "perf/memory_gib", "valid/bits_per_token", "valid/bits_per_second",
-              "valid/uses_codes_gap_bits", "valid/codes_used", "valid/code_usage/_type"):
+              "valid/uses_codes_gap_bits", "valid/codes_used"):
         assert k in keys, f"{k} not logged; logged: {sorted(keys)}"
-    audio = [k for row in rec["history"] for k, v in row.items() if k.endswith("/_type") and v == "audio-file"]
-    assert audio, "no audio item in the W&B run"
-    assert list(folder.rglob("files/media/audio/**/*.wav"))
-    steps = [row["_step"] for row in rec["history"]]
-    assert steps == sorted(steps)
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(steps) and steps[-1] == STEPS
+    assert list(folder.rglob("files/media/audio/**/*.wav")), "no audio in the W&B run"
+
+    # The W&B summary (wandb's own, through its public run API) holds the best validation figures,
+    # and export.pt went to W&B as an Artifact with its exact bytes.
+    summary = json.loads((run / "wandb" / "summary.json").read_text())
+    valid = [row for row in rows if "valid/bits_per_token" in row]
+    assert len(valid) >= 2, valid
+    for key, best in BEST.items():
+        values = [row[key] for row in rows if key in row]
+        if values:
+            assert summary[key][best] == pytest.approx((min if best == "min" else max)(values)), (key, summary[key])
+            assert summary[key]["last"] == pytest.approx(values[-1])
+    art = json.loads((run / "wandb" / "export_artifact.json").read_text())
+    import base64
+    import hashlib
+
+    assert art["type"] == "model" and "latest" in art["aliases"] and art["metadata"]["step"] == STEPS
+    assert art["md5"] == base64.b64encode(hashlib.md5((run / "export.pt").read_bytes()).digest()).decode()
+    state = json.loads((run / "state.json").read_text())
+    assert state["state"] == "done" and state["step"] == STEPS and state["wandb_path"].startswith("offline:")
 
     # The export loads without DeepSpeed into a fresh model and computes what the trained weights do.
     probe = textwrap.dedent(f"""

@@ -11,8 +11,6 @@ wandb shows them when Pillow is installed (it needs Pillow to read images).
 """
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -105,13 +103,7 @@ def spectrogram_image(wave: np.ndarray, sample_rate: int, n_fft: int = 512, hop:
 
 
 def write_png(path: Path, gray: np.ndarray) -> None:
-    """Minimal 8-bit grayscale PNG writer (IHDR, one IDAT, IEND)."""
-    h, w = gray.shape
-    raw = b"".join(b"\x00" + gray[r].tobytes() for r in range(h))
+    """An 8-bit grayscale image (uint8[H x W]) as a PNG file, through Pillow."""
+    from PIL import Image
 
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
-
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) \
-        + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-    Path(path).write_bytes(png)
+    Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8)).save(path, format="PNG")

@@ -112,3 +112,55 @@ def write_snapshot(run: Path, argv: Optional[list[str]] = None) -> Path:
             "SLURM_JOB_NODELIST", "SLURM_PROCID", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "HOSTNAME")
     (seg / "environment.txt").write_text("".join(f"{k}={os.environ[k]}\n" for k in keys if k in os.environ))
     return seg
+
+
+# ---- the run's state, for `largewave runs` ------------------------------------------------------
+#
+# ``state.json`` (rank 0): {"state": running | done | paused | stopped | failed, "step", "steps",
+# "pid", "host", "started", "updated", "checkpoint", "export", "wandb", "error"}. Written when a
+# segment starts, at every log line and checkpoint, and when it ends. A process killed without a
+# word (SIGKILL, a lost node) leaves "running": readers check the pid on the same host.
+
+STATES = ("running", "done", "paused", "stopped", "failed")
+
+
+def write_state(run: Path, state: str, **fields: Any) -> None:
+    assert state in STATES, state
+    path = Path(run) / "state.json"
+    old = read_state(run) if path.exists() else {}
+    new = {**old, **fields, "state": state, "updated": time.time()}
+    if state == "running" and old.get("state") != "running":
+        new.update(pid=os.getpid(), host=_hostname(), started=time.time(), error=None)
+    tmp = path.with_name(f"state.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(new, indent=1))
+    os.replace(tmp, path)
+
+
+def read_state(run: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(run) / "state.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def live_state(state: dict[str, Any]) -> str:
+    """The state as a reader should show it: "running" only while its process is alive (checked on
+    the same host; on another host, "running" unless it has said nothing for an hour)."""
+    s = state.get("state") or "unknown"
+    if s != "running":
+        return s
+    if state.get("host") == _hostname():
+        try:
+            os.kill(int(state["pid"]), 0)
+        except ProcessLookupError:
+            return "stopped"  # killed without a word (SIGKILL, OOM): its checkpoints are what is left
+        except (PermissionError, KeyError, TypeError, ValueError):
+            pass
+        return "running"
+    return "running" if time.time() - float(state.get("updated", 0)) < 3600 else "stopped"

@@ -45,7 +45,7 @@ from largewave.engine import checkpoint as ckpt
 from largewave.engine import evaluate
 from largewave.engine.deepspeed_config import deepspeed_config, make_scheduler, memory_estimate
 from largewave.engine.export import write_export
-from largewave.engine.run_folder import data_root, run_dir, signature, signature_payload, write_snapshot
+from largewave.engine.run_folder import data_root, run_dir, signature, signature_payload, write_snapshot, write_state
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -297,6 +297,9 @@ class Trainer:
                 return self.pause()
             self.save()
             export = self.export()
+            self._state("done", export=str(export))
+            self.wandb.log_export(export, metadata={"stack": self.cfg.stack, "level": self.level,
+                                                    "signature": self.signature, "step": self.step})
             return self.result(export=export)
         except RuntimeError as e:
             if "timed out" in str(e).lower() or "timeout" in str(e).lower():
@@ -304,6 +307,13 @@ class Trainer:
                       f"run.collective_timeout_s = {self.cfg.run.collective_timeout_s:g} s — another rank died or "
                       f"hung. Complete checkpoints are intact; rerun the same command to resume.",
                       file=sys.stderr, flush=True)
+            self._state("failed", error=str(e).strip().splitlines()[-1][:500] if str(e).strip() else repr(e))
+            raise
+        except KeyboardInterrupt:
+            self._state("stopped", error="interrupted")
+            raise
+        except Exception as e:
+            self._state("failed", error=f"{type(e).__name__}: {str(e).strip()[:500]}")
             raise
         finally:
             self.teardown()
@@ -332,7 +342,13 @@ class Trainer:
         self.build_engine()
         self.build_loaders()
         self.start_wandb()
+        self._state("running", steps=self.lv.train.steps, wandb=self.wandb.location, wandb_path=self.wandb.path)
         self.print_banner()
+
+    def _state(self, state: str, **fields) -> None:
+        """``state.json`` of the run folder (rank 0; see largewave.engine.run_folder.write_state)."""
+        if getattr(self, "main", False) and self.run_dir.exists():
+            write_state(self.run_dir, state, step=self.step, **fields)
 
     def _limit_threads(self) -> None:
         if self.device.type != "cpu":
@@ -707,6 +723,7 @@ class Trainer:
             data["train/bits_per_second"] = data["train/bits_per_token"] * rate
         if self.main:
             self.wandb.log(self.step, data)
+            self._state("running")
             print(f"[{self.cfg.stack}/{self.level}] step {self.step:>7d}/{t.steps} | loss {avg.get('loss', float('nan')):.4f}"
                   f" | {avg.get('train/bits_per_token', float('nan')):.3f} bits/tok | lr {lr:.2e} | gnorm {gnorm:.3f}"
                   f" | {tokens / elapsed:,.0f} tok/s/rank | {tokens / rate / elapsed:.2f} audio-s/s/rank"
@@ -922,6 +939,7 @@ class Trainer:
         if self.main:
             print(f"[largewave] stopped at step {self.step}; rerun the same command to resume from {path} "
                   f"(exit code {EXIT_STOPPED})", flush=True)
+        self._state("stopped", error=f"stop requested ({name})")
         return self.result(stopped=True, stop_signal=name)
 
     def pause(self) -> TrainResult:
@@ -931,6 +949,7 @@ class Trainer:
         path = self.save()
         if self.main:
             print(f"[largewave] paused at step {self.step} (train.pause_at); checkpoint {path}", flush=True)
+        self._state("paused")
         return self.result(paused=True)
 
     def export(self) -> Optional[Path]:

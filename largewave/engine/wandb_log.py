@@ -1,4 +1,4 @@
-"""Weights & Biases logging for rank 0, plus a reader for offline run files.
+"""Weights & Biases logging for rank 0, and the run's own ``metrics.jsonl``.
 
 * ``run.wandb_mode: auto`` is online when an API key is available (``WANDB_API_KEY`` or a
   ``wandb login`` entry in ``~/.netrc``), offline otherwise; ``WANDB_MODE`` in the environment
@@ -13,15 +13,19 @@
   ``metrics.jsonl`` in the run folder, one ``{"step": …, key: value, …}`` line per call, with the
   same rule: steps up to the last one already in the file are not written again after a resume.
   Tools and tests read that file, never W&B's private formats.
+* The W&B summary keeps the best value of each validation figure (``define_metric``, see
+  :data:`BEST`) next to the last one; at the end of a run ``export.pt`` is logged as a model
+  Artifact. ``wandb/summary.json`` and ``wandb/export_artifact.json`` in the run folder copy both
+  (read through wandb's public run API), so they can be seen without a W&B server.
+* System metrics (CPU/GPU utilisation, memory) are on; ``WANDB_X_DISABLE_STATS=true`` turns them off.
 """
 from __future__ import annotations
 
 import json
 import netrc
 import os
-import struct
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -90,6 +94,14 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
 
 HISTOGRAM_BINS = 512  # wandb.Histogram refuses more
 
+# The validation figures whose best value the W&B summary keeps (with the last): "min" where lower
+# is better. Tools that read metrics.jsonl (``largewave runs``) use the same directions.
+BEST = {
+    "valid/bits_per_token": "min", "valid/bits_per_second": "min", "valid/loss": "min", "valid/loss/nll": "min",
+    "valid/uses_codes_gap_bits": "max", "valid/codes_used": "max", "valid/code_perplexity": "max",
+    "valid/recon_lsd_db": "min", "valid/recon_flatness_excess_db": "min", "valid/recon_pitch_class_agreement": "max",
+}
+
 class WandbLogger:
     """Rank-0 W&B run. On other ranks (or with mode ``disabled``) every method is a no-op."""
 
@@ -106,6 +118,7 @@ class WandbLogger:
         self.last_logged = -1
         self.floor = -1  # steps <= floor reached wandb in an earlier segment of this run
         self.run = None
+        self._logged_here = False  # this segment logged a step (that the summary must include)
         if not self.enabled:
             return
         import wandb
@@ -116,7 +129,11 @@ class WandbLogger:
             self.floor = self.last_logged
         self.run = wandb.init(project=project, entity=entity, group=group, name=name, id=run_id,
                               resume="allow", dir=str(run_dir), mode=mode, config=config, tags=tags,
-                              settings=wandb.Settings(console="off", save_code=False, x_disable_stats=True, quiet=True))
+                              settings=wandb.Settings(console="off", save_code=False, quiet=True))
+        # System panels (CPU/GPU utilisation, memory) stay on; the tests turn them off through
+        # WANDB_X_DISABLE_STATS, which wandb reads from the environment.
+        for key, summary in BEST.items():
+            self.run.define_metric(key, summary=f"{summary},last")
 
     @property
     def location(self) -> str:
@@ -125,6 +142,15 @@ class WandbLogger:
         if self.mode == "online":
             return getattr(self.run, "url", None) or f"online run {self.run_id}"
         return f"{self.run.dir.rsplit('/files', 1)[0]} (offline; `wandb sync` it)"
+
+    @property
+    def path(self) -> Optional[str]:
+        """``entity/project/run_id`` online, ``offline:<folder>`` offline, None when disabled."""
+        if not self.enabled or self.run is None:
+            return None
+        if self.mode == "online":
+            return "/".join(str(x) for x in (self.run.entity, self.run.project, self.run.id))
+        return f"offline:{self.run.dir.rsplit('/files', 1)[0]}"
 
     def should_log(self, step: int) -> bool:
         # Several calls may log the same step within a segment (training, evaluation, samples);
@@ -143,6 +169,7 @@ class WandbLogger:
         if not self.should_log(step) or not data:
             return
         self.run.log(data, step=step)
+        self._logged_here = True
         if step == self.last_logged:
             return
         self.last_logged = step
@@ -182,77 +209,52 @@ class WandbLogger:
             edges = np.arange(n + 1, dtype=np.float64)
         return wandb.Histogram(np_histogram=(counts, edges))
 
+    def log_export(self, path: Path, metadata: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """``export.pt`` as a W&B model Artifact (``<stack>-<level>``, aliases ``latest``, ``step-N``
+        and the signature), recorded in ``wandb/export_artifact.json``. Offline, ``wandb sync``
+        uploads it with the run."""
+        if not self.enabled or self.run is None:
+            return None
+        import re
+
+        import wandb
+
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{metadata['stack']}-{metadata['level']}")
+        art = wandb.Artifact(name, type="model", metadata=metadata,
+                             description=f"largewave export of {metadata['stack']}/{metadata['level']} "
+                                         f"(run {metadata['signature']}, step {metadata['step']})")
+        art.add_file(str(path), name="export.pt")
+        aliases = ["latest", f"step-{metadata['step']}", str(metadata["signature"])]
+        self.run.log_artifact(art, aliases=aliases)
+        record = {"name": name, "type": "model", "aliases": aliases, "digest": art.digest,
+                  "file": "export.pt", "md5": art.manifest.entries["export.pt"].digest, "metadata": metadata}
+        (self.dir / "export_artifact.json").write_text(json.dumps(record, indent=1))
+        return record
+
+    def summary(self) -> dict[str, Any]:
+        """The run's W&B summary as plain data (best values as ``{"min": …, "last": …}``), read
+        through wandb's public ``run.summary``; the pending step is committed first."""
+        if self.run is None:
+            return {}
+        if self._logged_here:
+            self.run.log({}, step=self.last_logged, commit=True)
+
+        def plain(value):
+            try:
+                return {k: plain(value[k]) for k in value.keys()}
+            except (AttributeError, TypeError, KeyError):
+                return value
+
+        return {k: plain(self.run.summary[k]) for k in self.run.summary.keys()}
+
     def finish(self) -> None:
+        """Finish the W&B run; its summary is also written to ``wandb/summary.json`` (offline runs
+        have no summary file of their own)."""
         if self.run is not None:
+            try:
+                data = self.summary()
+                (self.dir / "summary.json").write_text(json.dumps(data, indent=1, default=str))
+            except Exception as e:  # the summary copy must never lose the run itself
+                print(f"[largewave] W&B summary not written: {e}", flush=True)
             self.run.finish()
             self.run = None
-
-
-# ---- reading offline runs ------------------------------------------------------------------------
-
-
-def _wandb_records(path: Path) -> Iterator[bytes]:
-    """Raw records of a ``run-<id>.wandb`` file: a 7-byte ``:W&B`` header, then a LevelDB-style
-    log of 32 KiB blocks whose records are split into FULL / FIRST / MIDDLE / LAST chunks."""
-    data = path.read_bytes()
-    if data[:4] != b":W&B":
-        raise ValueError(f"{path}: not a wandb transaction log")
-    block, pos, buf = 32768, 7, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # block trailer padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0 and length == 0:
-            pos += left
-            continue
-        chunk = data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind == 1:
-            yield chunk
-        elif kind == 2:
-            buf = chunk
-        elif kind == 3:
-            buf += chunk
-        elif kind == 4:
-            yield buf + chunk
-
-
-def read_offline_run(folder: str | os.PathLike) -> dict[str, Any]:
-    """Parse one offline run folder (``.../wandb/offline-run-*``) without network or wandb's
-    service: ``{"run_id", "config", "history": [{key: value, ...} per logged step]}``.
-    Nested keys (media) appear as ``"key/field"`` (e.g. ``samples/recon_0/_type``)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    folder = Path(folder)
-    files = sorted(folder.glob("run-*.wandb"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no run-*.wandb file")
-    out: dict[str, Any] = {"run_id": None, "config": {}, "history": []}
-    for raw in _wandb_records(files[0]):
-        rec = pb.Record()
-        rec.ParseFromString(raw)
-        kind = rec.WhichOneof("record_type")
-        if kind == "run":
-            out["run_id"] = rec.run.run_id
-            for item in rec.run.config.update:
-                out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-        elif kind == "config":
-            for item in rec.config.update:
-                out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-        elif kind == "history":
-            row = {}
-            for item in rec.history.item:
-                key = item.key or "/".join(item.nested_key)
-                try:
-                    row[key] = json.loads(item.value_json)
-                except ValueError:
-                    row[key] = item.value_json
-            out["history"].append(row)
-    return out
-
-
-def offline_runs(run_dir: str | os.PathLike) -> list[Path]:
-    """Offline segment folders of a run, oldest first."""
-    return sorted((Path(run_dir) / "wandb").glob("offline-run-*"))
