@@ -223,7 +223,33 @@ def status(cfg: StackConfig) -> int:
     for name in cfg.level_names()[:-1]:
         ok, reason = stack.codes_status(cfg, name)
         print(f"codes  {name:<7} {'ready' if ok else reason}")
+    infos = latest_runs(cfg)
+    if infos:
+        from largewave import runs
+
+        print("\nlatest run of each level (largewave runs RUN for one, with its curves):")
+        print(runs.format_table(infos))
     return 0
+
+
+def latest_runs(cfg: StackConfig) -> list:
+    """Per level, the run this config trains (its signature's folder) when it exists, else the level's
+    newest run folder."""
+    from largewave import runs, stack
+
+    out = []
+    for level in cfg.level_names():
+        try:
+            mine = stack.run_dir(cfg, level)
+        except Exception:  # a level above whose codes are not made yet has no signature
+            mine = None
+        if mine is not None and (mine / "signature.json").exists():
+            out.append(runs.load_run(mine))
+            continue
+        found = [runs.load_run(p.parent) for p in (Path(cfg.run.root) / cfg.stack / level).glob("*/signature.json")]
+        if found:
+            out.append(max(found, key=lambda r: r.updated))
+    return out
 
 
 def list_jobs(cfg: StackConfig) -> int:
