@@ -189,6 +189,7 @@ class Stack:
     def __init__(self, cfg: StackConfig, models: dict[str, torch.nn.Module], device: torch.device,
                  exports: Optional[dict[str, str]] = None, threads: Optional[int] = 1):
         self.threads = threads
+        self.progress = True  # progress bars on terminals during generation (False: none)
         self.cfg = cfg
         self.models = models
         self.device = device
@@ -353,6 +354,28 @@ class Stack:
 
     # -- decoding -----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _bar(self, level: str, positions: int, streams: int):
+        """A progress bar (tqdm, on terminals) for one level's generation of ``positions`` tokens per
+        stream, counted in audio samples (a token of a level's input stands for
+        ``samples_per_token`` samples), so that its rate reads against real time (the sample rate
+        per second) and its ETA is the level's; yields the ``update`` to give the model."""
+        if not self.progress:
+            yield None
+            return
+        from tqdm import tqdm
+
+        per = self.cfg.samples_per_token(level)
+        import shutil
+
+        # size from shutil: a terminal that reports 0 x 0 (some ptys) gets 80 x 24, not a hidden bar
+        cols, rows = shutil.get_terminal_size()
+        with tqdm(total=positions * per, unit="sample", unit_scale=True, mininterval=0.5, leave=True, disable=None,
+                  ncols=cols, nrows=rows,
+                  desc=level + (f" ×{streams}" if streams > 1 else ""),
+                  postfix=f"real time {self.sample_rate / 1000:g}k/s", file=sys.stderr) as bar:
+            yield lambda n: bar.update(n * per)
+
     def _cascade(self, level: str, tokens: torch.Tensor, temps: dict[str, float], nuclei: dict[str, float],
                  generator: torch.Generator, timings: dict[str, float],
                  prompts: Optional[dict[str, torch.Tensor]] = None,
@@ -364,9 +387,10 @@ class Stack:
             below = self.cfg.below(name)
             prompt = None if prompts is None else prompts.get(below or "audio")
             t0 = time.perf_counter()
-            with _threads(self.threads, self.device):
+            with _threads(self.threads, self.device), self._bar(name, tokens.shape[1] * self.cfg.level(name).hop,
+                                                                tokens.shape[0]) as bar:
                 tokens = self.models[name].decode(tokens.to(self.device), temperature=temps[name], prompt=prompt,
-                                                  generator=generator, top_p=nuclei[name])
+                                                  generator=generator, top_p=nuclei[name], progress=bar)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
@@ -457,10 +481,10 @@ class Stack:
         kept: dict[str, torch.Tensor] = {}
         top_in = self.cfg.below(self.top) or "audio"
         t0 = time.perf_counter()
-        with _threads(self.threads, self.device):
+        with _threads(self.threads, self.device), self._bar(self.top, n_top, count) as bar:
             tokens = self.models[self.top].generate(n_top, batch=count, temperature=temps[self.top], generator=g,
                                                     prompt=None if prompts is None else prompts[top_in],
-                                                    top_p=nuclei[self.top])
+                                                    top_p=nuclei[self.top], progress=bar)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         timings[self.top] = time.perf_counter() - t0
@@ -521,9 +545,11 @@ class Stack:
                 continue
             keys = list(streams)
             t0 = time.perf_counter()
-            with _threads(self.threads, self.device):
-                out = self.models[name].decode(torch.cat([streams[k] for k in keys]), temperature=temps[name],
-                                               generator=g, top_p=nuclei[name])
+            batch = torch.cat([streams[k] for k in keys])
+            with _threads(self.threads, self.device), self._bar(name, batch.shape[1] * self.cfg.level(name).hop,
+                                                                len(keys)) as bar:
+                out = self.models[name].decode(batch, temperature=temps[name], generator=g, top_p=nuclei[name],
+                                               progress=bar)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             timings[name] = time.perf_counter() - t0

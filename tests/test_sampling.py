@@ -187,6 +187,33 @@ def test_load_from_run_folders_and_clear_errors(tiny, loaded, tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_progress_bars_count_each_levels_audio_samples(tiny, loaded, tmp_path, monkeypatch):
+    """On a terminal, sampling and reconstruction show one tqdm bar per level, counted in audio
+    samples (so every level's bar ends at the clip's length), with the real-time rate beside it."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    n = int(0.05 * SR)  # 800 samples: whole frames of both levels, so the reconstruction is 800 long too
+    loaded.progress = True
+    sample_stack(tiny, 0.05, 2, stack=loaded, seed=0, out_dir=tmp_path / "s", log=None)
+    loaded.reconstruct(np.zeros(n, np.float32))
+    lines = [ln.strip() for ln in term.getvalue().replace("\r", "\n").splitlines() if "100%" in ln]
+    assert [ln.split(":")[0] for ln in lines] == ["prior ×2", "level2 ×2", "level1 ×2", "level2", "level1 ×2"], lines
+    assert all(f"{n}/{n}" in ln for ln in lines), lines
+    assert all("real time 16k/s" in ln for ln in lines), lines
+    term.seek(0), term.truncate()
+    loaded.progress = False
+    sample_stack(tiny, 0.05, 1, stack=loaded, seed=0, out_dir=tmp_path / "q", log=None)
+    assert term.getvalue() == ""
+    loaded.progress = True
+
+
+@pytest.mark.timeout(60)
 def test_samples_go_to_an_active_wandb_run(tiny, loaded, tmp_path, monkeypatch):
     logged = {}
     fake = types.SimpleNamespace(run=object(), log=logged.update,

@@ -266,6 +266,18 @@ def test_fused_step_equals_full_forward_and_draws_the_same_samples(kernel_size, 
         assert torch.equal(a, b), kw
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fused", [True, False])
+def test_generation_reports_progress_for_every_position(fused):
+    """The progress callback (what the sampling progress bars count) adds up to exactly the
+    positions generated, prompt included, on both paths, in calls of at most a few hundred."""
+    net = make(2, 1, 6, 4, "repeat")
+    for T, kw in ((600, {}), (64, {"prompt": torch.randint(0, V, (2, 9))}), (257, {"temperature": 0.0})):
+        calls = []
+        net.generate(T, batch=2, cond=torch.randn(2, 6, -(-T // 4)), fused=fused, progress=calls.append, **kw)
+        assert sum(calls) == T and max(calls) <= 2 * 256, (T, calls)
+
+
 def _kl_and_nll(net, tokens, cond, precision):
     ref = teacher_forced(net, tokens, cond, "fused", "fp32")
     low = teacher_forced(net, tokens, cond, "fused", precision)

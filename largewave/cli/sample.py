@@ -62,6 +62,7 @@ def main(argv=None, prog: str | None = None) -> int:
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="weights of every generation step: fp32 (exact, default) or bf16 (rounded weights, fp32 "
                          "accumulation: faster on CPU where the fused step is built; bench/sampling.py measures both)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = ap.parse_args(argv)
 
@@ -78,6 +79,7 @@ def main(argv=None, prog: str | None = None) -> int:
         else:
             cfg = load_config(args.stack, args.overrides)
             stack = Stack.load(cfg, device=args.device, threads=_threads(args.threads), precision=args.precision)
+        stack.progress = not args.quiet
         common = dict(temperatures=temps, top_p=nuclei, seed=args.seed, out_dir=args.out, stack=stack)
         if args.reconstruct:
             seconds = 4.0 if args.seconds is None else (args.seconds or None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -137,7 +137,8 @@ class ADALevel(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes: Tensor, temperature: float = 1.0, prompt: Optional[Tensor] = None,
-               generator: Optional[torch.Generator] = None, top_p: float = 1.0) -> Tensor:
+               generator: Optional[torch.Generator] = None, top_p: float = 1.0,
+               progress: Optional[Callable[[int], None]] = None) -> Tensor:
         """Generate the token stream that ``codes`` encode.
 
         Args:
@@ -146,13 +147,14 @@ class ADALevel(nn.Module):
             prompt: LongTensor[B x P] tokens forced at the start (P ≤ Tc·hop).
             generator: torch.Generator for reproducible sampling.
             top_p: nucleus cut-off (1 = the whole distribution); see :meth:`WaveNet.generate`.
+            progress: called with the number of positions just generated (a progress bar's update).
         Returns:
             LongTensor[B x Tc·hop], the prompt included.
         """
         emb = codes.float() if codes.dim() == 3 else self.quantiser.embed(codes)
         cond = self.cond_proj(emb)
         return self.decoder.generate(cond.shape[2] * self.hop, cond=cond, temperature=temperature,
-                                     generator=generator, prompt=prompt, top_p=top_p)
+                                     generator=generator, prompt=prompt, top_p=top_p, progress=progress)
 
 
 class Prior(nn.Module):
@@ -190,11 +192,11 @@ class Prior(nn.Module):
     @torch.no_grad()
     def generate(self, n_tokens: int, batch: int = 1, temperature: float = 1.0,
                  generator: Optional[torch.Generator] = None, prompt: Optional[Tensor] = None,
-                 top_p: float = 1.0) -> Tensor:
+                 top_p: float = 1.0, progress: Optional[Callable[[int], None]] = None) -> Tensor:
         """Sample LongTensor[batch x n_tokens] (the optional prompt LongTensor[batch x P] first;
-        ``top_p``: nucleus cut-off, see :meth:`WaveNet.generate`)."""
+        ``top_p``: nucleus cut-off, ``progress``: see :meth:`WaveNet.generate`)."""
         return self.decoder.generate(n_tokens, batch=batch, temperature=temperature,
-                                     generator=generator, prompt=prompt, top_p=top_p)
+                                     generator=generator, prompt=prompt, top_p=top_p, progress=progress)
 
 
 class WaveNetLevel(Prior):

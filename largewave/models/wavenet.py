@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -236,6 +236,7 @@ class WaveNet(nn.Module):
         top_p: float = 1.0,
         precision: Optional[str] = None,
         fused: Optional[bool] = None,
+        progress: Optional[Callable[[int], None]] = None,
     ) -> Tensor:
         """Sample ``n_tokens`` tokens per stream.
 
@@ -252,6 +253,8 @@ class WaveNet(nn.Module):
                 None = :attr:`generation_precision` (fp32 unless set, e.g. by ``Stack.load``).
             fused: run the fused C step (:mod:`largewave.models.fast_step`); None = where it is
                 available (CPU, fp32 parameters, input_kernel_size 1, a C compiler).
+            progress: called with the number of positions just finished (every few hundred
+                steps at most), e.g. a progress bar's ``update``.
         Returns:
             LongTensor[B x n_tokens] (the prompt included).
         """
@@ -290,11 +293,13 @@ class WaveNet(nn.Module):
                        f"({fast_step.unavailable_reason() or 'unsupported network or device'}): using fp32")
         if runner is not None:
             _generate_fused(state, runner, out, P, noise, block, temperature, inv_t, top_p if nucleus else 1.0,
-                            generator)
+                            generator, progress)
             return out.t().contiguous()
         prev: Optional[Tensor] = None
         step = state._step  # already under inference_mode
         for t in range(n_tokens):
+            if progress is not None and t and t % PROGRESS_EVERY == 0:
+                progress(PROGRESS_EVERY)
             logits = step(prev)
             prev = rows[t]
             if t < P:
@@ -309,11 +314,17 @@ class WaveNet(nn.Module):
                 torch.argmax(y, dim=1, out=prev)
             else:
                 torch.argmax(logits, dim=1, out=prev)
+        if progress is not None and n_tokens:
+            progress(n_tokens - (n_tokens - 1) // PROGRESS_EVERY * PROGRESS_EVERY)
         return out.t().contiguous()
 
 
+PROGRESS_EVERY = 256  # positions between two progress calls of the step-by-step loop
+
+
 def _generate_fused(state: "IncrementalState", runner, out: Tensor, P: int, noise: Tensor, block: int,
-                    temperature: float, inv_t: float, top_p: float, generator) -> None:
+                    temperature: float, inv_t: float, top_p: float, generator,
+                    progress: Optional[Callable[[int], None]] = None) -> None:
     """``generate``'s loop on the fused step: the C kernel runs stretches of steps that share one
     conditioning frame and one block of noise; the same noise as the PyTorch loop (Gumbel-max in
     blocks of ``block`` steps counted from the end of the prompt), so both draw the same samples
@@ -322,7 +333,7 @@ def _generate_fused(state: "IncrementalState", runner, out: Tensor, P: int, nois
     hop = state.hop if state.frame_bias is not None else n + 1
     rows = out.unbind(0)
     y = torch.empty_like(state.logits)
-    t = 0
+    t = done = 0
     while t < n:
         if state.frame_bias is not None and t % hop == 0:
             state._refresh_frame(t // hop)
@@ -345,6 +356,11 @@ def _generate_fused(state: "IncrementalState", runner, out: Tensor, P: int, nois
                 end = t + 1
             else:
                 runner.run(t, end - t, out, P, noise[j:], inv_t)
+        if progress is not None:
+            done += end - t
+            if done >= PROGRESS_EVERY or end == n:
+                progress(done)
+                done = 0
         t = end
     state.t = n
 
