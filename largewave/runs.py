@@ -155,6 +155,16 @@ def _fmt(v: Optional[float], fmt: str = "{:.3f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _short_wandb(path: Optional[str]) -> str:
+    """The table's W&B column: ``entity/project/id`` online, ``offline <id>`` (the folder is in
+    ``largewave runs RUN``)."""
+    if not path:
+        return "-"
+    if path.startswith("offline:"):
+        return "offline " + path.rsplit("-", 1)[-1]
+    return path
+
+
 def row_cells(r: RunInfo) -> dict[str, str]:
     bpt = r.best.get("valid/bits_per_token")
     recon = [_fmt(r.last.get(f"valid/{k}"), fmt) for k, _, fmt in RECON]
@@ -167,7 +177,7 @@ def row_cells(r: RunInfo) -> dict[str, str]:
         "codes used": f"{int(codes)}/{r.codes}" if codes is not None and r.codes else "-",
         "recon LSD/flat/pc": "/".join(recon) if any(c != "-" for c in recon) else "-",
         "checkpoint": "-" if r.checkpoint is None else str(r.checkpoint),
-        "W&B": r.wandb or "-",
+        "W&B": _short_wandb(r.wandb),
         "config vs YAML": "?" if r.diff is None else (" ".join(r.diff) if r.diff else "same"),
     }
 
