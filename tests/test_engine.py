@@ -581,8 +581,12 @@ def test_sigusr2_to_one_rank_stops_all_with_a_checkpoint_then_resumes_identicall
     run = run_folder(tmp_path)
     stopped = int(out.split("stopped at step ")[1].split(";")[0])
     assert stopped < STEPS and stopped in complete_steps(run)
+    state = json.loads((run / "state.json").read_text())  # what `largewave runs` shows
+    assert state["state"] == "stopped" and state["step"] == stopped and "SIGUSR2" in state["error"], state
     job2 = train_to_end(cfg, 2, tmp_path / "logs-2")
     assert f"resumed at step {stopped}" in job2.output(0)
+    state = json.loads((run / "state.json").read_text())
+    assert state["state"] == "done" and state["step"] == STEPS and state["error"] is None, state
     tag = f"step-{STEPS:08d}"
     assert_same_checkpoint(run / "checkpoints" / tag, ref / "checkpoints" / tag)
     assert_same_export(run, ref)

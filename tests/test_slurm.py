@@ -289,6 +289,8 @@ def test_status_list_and_cancel(reference, cluster, tmp_path):
     st = launch("--stack", cfg, "--status").stdout
     assert re.search(rf"train\s+level1\s+job \d+\s+COMPLETED\s+checkpoint: step {STEPS}", st), st
     assert "codes  level1" in st
+    # the latest run's figures, as `largewave runs` shows them
+    assert re.search(rf"level1\s+[0-9a-f]{{12}}\s+done\s+{STEPS}/{STEPS}\s+\d+\.\d+ @\d+", st), st
     ls = launch("--stack", cfg, "--list").stdout
     assert re.search(r"\d+\s+train\s+level1\s+slurm\s+.*COMPLETED", ls), ls
     # a long run of its own (own run root), then cancel everything of the stack that still runs
