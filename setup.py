@@ -19,7 +19,7 @@ setup(
         # upper bounds: the next major/minor releases are untested; constraints.txt has the tested set
         "deepspeed>=0.16,<0.20",
         "webdataset>=0.2.100,<1.1",
-        "wandb>=0.19,<0.32",  # 0.19: the x_disable_stats setting the code passes
+        "wandb>=0.19,<0.32",  # 0.19: define_metric summaries, WANDB_X_DISABLE_STATS
         "boto3>=1.28",  # s3:// shard sets
         "submitit>=1.5",
         "soundfile>=0.12",

@@ -110,3 +110,6 @@ def test_pip_install_gives_a_working_largewave_command(venv):
     assert info["state"] == "done" and info["step"] == 2 and info["signature"] == run_dir.name
     assert "valid/bits_per_token" in info["last"]
     assert "level1.train.steps=2" in info["diff"]  # compared with the packaged demo.yaml
+    r = run(env_dir, work, "largewave", "runs", "demo/level1")
+    assert r.returncode == 0 and f"learning curves: runs/demo/level1/{run_dir.name}/curves.png" in r.stdout, r.stdout
+    assert (run_dir / "curves.png").stat().st_size > 1000
