@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -313,7 +312,3 @@ def resolve_run(what: str, root: str | Path) -> Path:
         raise FileNotFoundError(f"no run {what!r}: give a run folder, a signature or STACK/LEVEL (runs under {root})")
     raise FileNotFoundError(f"{what!r} matches {len(matches)} runs: " + ", ".join(str(m) for m in matches[:6]))
 
-
-def age(seconds: float) -> str:
-    s = time.time() - seconds
-    return f"{s / 3600:.1f} h ago" if s > 3600 else f"{s / 60:.0f} min ago"

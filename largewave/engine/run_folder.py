@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from largewave.config import REPO_ROOT, StackConfig, hashed
+from largewave.engine.checkpoint import atomic_write_text
 
 
 
@@ -130,10 +132,8 @@ def write_state(run: Path, state: str, **fields: Any) -> None:
     old = read_state(run) if path.exists() else {}
     new = {**old, **fields, "state": state, "updated": time.time()}
     if state == "running" and old.get("state") != "running":
-        new.update(pid=os.getpid(), host=_hostname(), started=time.time(), error=None)
-    tmp = path.with_name(f"state.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(new, indent=1))
-    os.replace(tmp, path)
+        new.update(pid=os.getpid(), host=socket.gethostname(), started=time.time(), error=None)
+    atomic_write_text(path, json.dumps(new, indent=1), fsync=False)  # rank 0 only: one writer
 
 
 def read_state(run: Path) -> dict[str, Any]:
@@ -143,19 +143,13 @@ def read_state(run: Path) -> dict[str, Any]:
         return {}
 
 
-def _hostname() -> str:
-    import socket
-
-    return socket.gethostname()
-
-
 def live_state(state: dict[str, Any]) -> str:
     """The state as a reader should show it: "running" only while its process is alive (checked on
     the same host; on another host, "running" unless it has said nothing for an hour)."""
     s = state.get("state") or "unknown"
     if s != "running":
         return s
-    if state.get("host") == _hostname():
+    if state.get("host") == socket.gethostname():
         try:
             os.kill(int(state["pid"]), 0)
         except ProcessLookupError:
